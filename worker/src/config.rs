@@ -1,0 +1,425 @@
+//! Configuration: every setting is an environment variable (the original worker's names
+//! and defaults) and a command-line flag.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::error::{Error, Result};
+
+/// How events of one stream may overtake each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Ordering {
+    /// Events with the same ordering key are delivered in order, the rest concurrently.
+    Key,
+    /// Strict order per stream: one event at a time (the original worker's behaviour).
+    Stream,
+    /// Fully concurrent.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// eventworker: delivers events from Redis Streams to HTTP endpoints.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "eventworker", version, about, long_about = None)]
+pub struct Args {
+    /// Redis URL (redis:// or rediss:// for TLS); overrides REDIS_HOST / REDIS_PORT / REDIS_HOST_PORT.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Redis host.
+    #[arg(long, env = "REDIS_HOST", default_value = "localhost")]
+    pub redis_host: String,
+    /// Redis port.
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    pub redis_port: u16,
+    /// Redis address as host:port (alternative to REDIS_HOST and REDIS_PORT).
+    #[arg(long, env = "REDIS_HOST_PORT")]
+    pub redis_host_port: Option<String>,
+    /// Redis password.
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// Consumer group shared by all workers.
+    #[arg(long, env = "GROUP", default_value = "workers")]
+    pub group: String,
+    /// Prefix of consumer names: <prefix>-<stream>-<pod or host name>.
+    #[arg(long, env = "CONSUMER_PREFIX", default_value = "worker")]
+    pub consumer_prefix: String,
+    /// Name of this worker instance in consumer names (defaults to POD_NAME, then HOSTNAME).
+    #[arg(long, env = "CONSUMER_NAME")]
+    pub consumer_name: Option<String>,
+    /// Comma-separated stream names; each is read from key events:<name>, in this priority order.
+    #[arg(long, env = "STREAMS", default_value = "critical,fast,default,slow")]
+    pub streams: String,
+
+    /// Target for events without meta.url; [EVENT_TYPE] is replaced by the event type.
+    #[arg(long, env = "DEFAULT_WORKER_URI", default_value = "http://localhost:8000/events/[EVENT_TYPE]")]
+    pub default_worker_uri: String,
+    /// HTTP connect timeout in seconds.
+    #[arg(long, env = "CONNECT_TIMEOUT", default_value_t = 2.0)]
+    pub connect_timeout: f64,
+    /// HTTP read timeout in seconds (an event's own `timeout` field overrides it).
+    #[arg(long, env = "READ_TIMEOUT", default_value_t = 60.0)]
+    pub read_timeout: f64,
+    /// Standard Webhooks signing secret (whsec_<base64> or raw); when set, requests are signed.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Port of the admin server (/metrics, /health, /healthz, /readyz).
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9000)]
+    pub metrics_port: u16,
+
+    /// Dead-letter HTTP endpoint: failed events are POSTed there as JSON.
+    #[arg(long, env = "DLQ_URI")]
+    pub dlq_uri: Option<String>,
+    /// Dead-letter database URL (postgresql://, mysql://, sqlite://; +driver suffixes accepted).
+    #[arg(long, env = "DLQ_DB_CONNECTION", hide_env_values = true)]
+    pub dlq_db_connection: Option<String>,
+    /// Dead-letter table.
+    #[arg(long, env = "DLQ_DB_TABLE", default_value = "dlq")]
+    pub dlq_db_table: String,
+    /// Source table whose row (event_id = id) is deleted after dead-lettering.
+    #[arg(long, env = "EVENT_DB_TABLE")]
+    pub event_db_table: Option<String>,
+
+    /// Attempts before an event is dead-lettered with its last failure reason.
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// Ordering: key (same ordering key in order), stream (strict), none.
+    #[arg(long, env = "ORDERING", value_enum, default_value = "key")]
+    pub ordering: Ordering,
+    /// meta field that holds the ordering key.
+    #[arg(long, env = "ORDERING_KEY_FIELD", default_value = "orderingKey")]
+    pub ordering_key_field: String,
+    /// Most events in flight per stream (read but not yet finished).
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 128)]
+    pub max_in_flight: usize,
+    /// Seconds an entry may sit idle in another consumer's pending list before it is taken over.
+    #[arg(long, env = "CLAIM_IDLE", default_value_t = 60.0)]
+    pub claim_idle: f64,
+    /// Delete delivered entries from the stream (XDEL after XACK), as the original did.
+    #[arg(long, env = "DELETE_ON_ACK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub delete_on_ack: bool,
+    /// Seconds an attempt counter (err_count:<stream>:<id>) lives after its last failure.
+    #[arg(long, env = "ATTEMPT_TTL", default_value_t = 604800)]
+    pub attempt_ttl: u64,
+    /// Seconds in-flight deliveries get to finish after SIGTERM.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value_t = 25.0)]
+    pub shutdown_grace: f64,
+    /// Delay used when a 429 carries no Retry-After, in seconds (doubles per attempt, capped at 1h).
+    #[arg(long, env = "RETRY_BACKOFF", default_value_t = 5.0)]
+    pub retry_backoff: f64,
+
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub redis_url: String,
+    pub group: String,
+    pub consumer_prefix: String,
+    pub consumer_name: String,
+    /// Stream names (without the `events:` prefix), in priority order.
+    pub streams: Vec<String>,
+    pub default_worker_uri: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub webhook_secret: Option<Vec<u8>>,
+    pub metrics_port: u16,
+    pub dlq: DlqConfig,
+    pub max_attempts: u32,
+    pub ordering: Ordering,
+    pub ordering_key_field: String,
+    pub max_in_flight: usize,
+    pub claim_idle: Duration,
+    pub delete_on_ack: bool,
+    pub attempt_ttl: Duration,
+    pub shutdown_grace: Duration,
+    pub retry_backoff: Duration,
+    pub log_format: LogFormat,
+}
+
+/// Where dead letters go; the first configured wins: SQL, then HTTP, then console.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DlqConfig {
+    Sql {
+        url: String,
+        table: String,
+        event_table: Option<String>,
+    },
+    Http {
+        uri: String,
+    },
+    Console,
+}
+
+pub const STREAM_PREFIX: &str = "events:";
+
+pub fn stream_key(name: &str) -> String {
+    format!("{STREAM_PREFIX}{name}")
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self> {
+        Self::from_args(Args::parse())
+    }
+
+    pub fn from_args(a: Args) -> Result<Self> {
+        let redis_url = redis_url(&a)?;
+        let streams: Vec<String> = a
+            .streams
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if streams.is_empty() {
+            return Err(bad("STREAMS", "needs at least one stream name"));
+        }
+        for s in &streams {
+            if s.chars().any(|c| c.is_whitespace() || c.is_control()) || s == "retry" {
+                return Err(bad("STREAMS", format!("{s:?} is not a usable stream name")));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = streams.iter().find(|s| !seen.insert(*s)) {
+            return Err(bad("STREAMS", format!("{dup:?} is listed twice")));
+        }
+        if a.group.trim().is_empty() {
+            return Err(bad("GROUP", "must not be empty"));
+        }
+        if !a.default_worker_uri.starts_with("http://") && !a.default_worker_uri.starts_with("https://") {
+            return Err(bad("DEFAULT_WORKER_URI", format!("{:?} is not an http(s) URL", a.default_worker_uri)));
+        }
+        reqwest::Url::parse(&a.default_worker_uri.replace("[EVENT_TYPE]", "x"))
+            .map_err(|e| bad("DEFAULT_WORKER_URI", e.to_string()))?;
+        let dlq = if let Some(url) = a.dlq_db_connection.filter(|s| !s.is_empty()) {
+            validate_identifier("DLQ_DB_TABLE", &a.dlq_db_table)?;
+            if let Some(t) = &a.event_db_table {
+                validate_identifier("EVENT_DB_TABLE", t)?;
+            }
+            DlqConfig::Sql { url, table: a.dlq_db_table, event_table: a.event_db_table }
+        } else if let Some(uri) = a.dlq_uri.filter(|s| !s.is_empty()) {
+            reqwest::Url::parse(&uri).map_err(|e| bad("DLQ_URI", format!("{uri:?}: {e}")))?;
+            DlqConfig::Http { uri }
+        } else {
+            DlqConfig::Console
+        };
+        if a.max_attempts == 0 {
+            return Err(bad("MAX_ATTEMPTS", "must be at least 1"));
+        }
+        if a.max_in_flight == 0 {
+            return Err(bad("MAX_IN_FLIGHT", "must be at least 1"));
+        }
+        if a.ordering_key_field.is_empty() {
+            return Err(bad("ORDERING_KEY_FIELD", "must not be empty"));
+        }
+        let consumer_name = a
+            .consumer_name
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(hostname);
+        Ok(Config {
+            redis_url,
+            group: a.group,
+            consumer_prefix: a.consumer_prefix,
+            consumer_name,
+            streams,
+            default_worker_uri: a.default_worker_uri,
+            connect_timeout: seconds("CONNECT_TIMEOUT", a.connect_timeout)?,
+            read_timeout: seconds("READ_TIMEOUT", a.read_timeout)?,
+            webhook_secret: a.webhook_secret.filter(|s| !s.is_empty()).map(decode_secret).transpose()?,
+            metrics_port: a.metrics_port,
+            dlq,
+            max_attempts: a.max_attempts,
+            ordering: a.ordering,
+            ordering_key_field: a.ordering_key_field,
+            max_in_flight: a.max_in_flight,
+            claim_idle: seconds("CLAIM_IDLE", a.claim_idle)?,
+            delete_on_ack: a.delete_on_ack,
+            attempt_ttl: Duration::from_secs(a.attempt_ttl.max(1)),
+            shutdown_grace: seconds("SHUTDOWN_GRACE", a.shutdown_grace)?,
+            retry_backoff: seconds("RETRY_BACKOFF", a.retry_backoff)?,
+            log_format: a.log_format,
+        })
+    }
+
+    pub fn consumer(&self, stream: &str) -> String {
+        format!("{}-{}-{}", self.consumer_prefix, stream, self.consumer_name)
+    }
+}
+
+fn bad(var: &'static str, msg: impl Into<String>) -> Error {
+    Error::Config { var, msg: msg.into() }
+}
+
+fn seconds(var: &'static str, v: f64) -> Result<Duration> {
+    if !v.is_finite() || v <= 0.0 || v > 1e9 {
+        return Err(bad(var, format!("{v} is not a positive number of seconds")));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn redis_url(a: &Args) -> Result<String> {
+    if let Some(url) = a.redis_url.as_deref().filter(|s| !s.is_empty()) {
+        let parsed = reqwest::Url::parse(url).map_err(|e| bad("REDIS_URL", format!("{e}")))?;
+        if !matches!(parsed.scheme(), "redis" | "rediss") {
+            return Err(bad("REDIS_URL", format!("scheme must be redis:// or rediss://, got {}://", parsed.scheme())));
+        }
+        return Ok(url.to_string());
+    }
+    let (host, port) = match a.redis_host_port.as_deref().filter(|s| !s.is_empty()) {
+        Some(hp) => {
+            let (h, p) = hp
+                .rsplit_once(':')
+                .ok_or_else(|| bad("REDIS_HOST_PORT", format!("{hp:?} is not host:port")))?;
+            let p: u16 = p.parse().map_err(|_| bad("REDIS_HOST_PORT", format!("{p:?} is not a port")))?;
+            (h.to_string(), p)
+        }
+        None => (a.redis_host.clone(), a.redis_port),
+    };
+    if host.is_empty() {
+        return Err(bad("REDIS_HOST", "must not be empty"));
+    }
+    let auth = match a.redis_password.as_deref().filter(|s| !s.is_empty()) {
+        Some(p) => format!(":{}@", percent_encode(p)),
+        None => String::new(),
+    };
+    Ok(format!("redis://{auth}{host}:{port}"))
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn decode_secret(s: String) -> Result<Vec<u8>> {
+    use base64::Engine;
+    match s.strip_prefix("whsec_") {
+        Some(b64) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| bad("WEBHOOK_SECRET", format!("whsec_ secret is not base64: {e}"))),
+        None => Ok(s.into_bytes()),
+    }
+}
+
+/// A SQL identifier (optionally schema-qualified): letters, digits and underscores, not
+/// starting with a digit. Anything else is refused so configuration cannot inject SQL.
+pub fn validate_identifier(var: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.split('.').count() <= 2
+        && name.split('.').all(|part| {
+            let mut chars = part.chars();
+            matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(var, format!("{name:?} is not a valid table name (letters, digits, _; optionally schema.table)")))
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Config> {
+        let mut v = vec!["eventworker"];
+        v.extend_from_slice(args);
+        Config::from_args(Args::try_parse_from(v).expect("clap parse"))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_original_worker() {
+        let c = parse(&["--consumer-name", "pod-1"]).unwrap();
+        assert_eq!(c.streams, ["critical", "fast", "default", "slow"]);
+        assert_eq!(c.group, "workers");
+        assert_eq!(c.metrics_port, 9000);
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.read_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_attempts, 5);
+        assert_eq!(c.ordering, Ordering::Key);
+        assert_eq!(c.dlq, DlqConfig::Console);
+        assert_eq!(c.consumer("fast"), "worker-fast-pod-1");
+        assert_eq!(c.default_worker_uri, "http://localhost:8000/events/[EVENT_TYPE]");
+    }
+
+    #[test]
+    fn redis_address_forms() {
+        assert!(parse(&[]).unwrap().redis_url.ends_with("localhost:6379"));
+        let c = parse(&["--redis-host-port", "redis.svc:6380", "--redis-password", "p@ss word"]).unwrap();
+        assert_eq!(c.redis_url, "redis://:p%40ss%20word@redis.svc:6380");
+        let c = parse(&["--redis-url", "rediss://r:6379/0", "--redis-host", "ignored"]).unwrap();
+        assert_eq!(c.redis_url, "rediss://r:6379/0");
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--redis-url", "http://x"], "REDIS_URL"),
+            (&["--redis-host-port", "nohost"], "REDIS_HOST_PORT"),
+            (&["--streams", " , "], "STREAMS"),
+            (&["--streams", "a,a"], "STREAMS"),
+            (&["--max-attempts", "0"], "MAX_ATTEMPTS"),
+            (&["--read-timeout=-1"], "READ_TIMEOUT"),
+            (&["--default-worker-uri", "ftp://x"], "DEFAULT_WORKER_URI"),
+            (&["--dlq-uri", "not a url"], "DLQ_URI"),
+            (&["--dlq-db-connection", "sqlite://x", "--dlq-db-table", "dlq; drop table x"], "DLQ_DB_TABLE"),
+            (&["--dlq-db-connection", "sqlite://x", "--event-db-table", "a-b"], "EVENT_DB_TABLE"),
+            (&["--webhook-secret", "whsec_***"], "WEBHOOK_SECRET"),
+        ];
+        for (args, var) in cases {
+            let err = parse(args).expect_err(var).to_string();
+            assert!(err.contains(var), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn dlq_priority_sql_then_http_then_console() {
+        let c = parse(&["--dlq-uri", "http://d/x", "--dlq-db-connection", "sqlite:///tmp/x.db"]).unwrap();
+        assert!(matches!(c.dlq, DlqConfig::Sql { .. }));
+        let c = parse(&["--dlq-uri", "http://d/x"]).unwrap();
+        assert_eq!(c.dlq, DlqConfig::Http { uri: "http://d/x".into() });
+    }
+
+    #[test]
+    fn identifiers() {
+        for ok in ["dlq", "public.dlq", "_x1"] {
+            validate_identifier("T", ok).unwrap();
+        }
+        for bad in ["", "1x", "a b", "a;b", "a.b.c", "\"x\"", "x--"] {
+            assert!(validate_identifier("T", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Builds the HTTP request for an event and classifies what came back into an [`Outcome`].
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use reqwest::StatusCode;
+use sha2::Sha256;
+
+use crate::config::Config;
+use crate::event::Event;
+use crate::retry::parse_retry_after;
+
+/// What to do with an event after one delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// 2xx: acknowledge.
+    Delivered,
+    /// The receiver asked for a later retry; `delay` None means "use our backoff".
+    Schedule { delay: Option<Duration>, reason: String },
+    /// The target host is unavailable: retry in place once it answers a probe again.
+    HostDown { reason: String },
+    /// Give up: to the dead-letter sink.
+    DeadLetter { reason: String },
+}
+
+impl Outcome {
+    pub fn reason(&self) -> &str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Schedule { reason, .. } | Outcome::HostDown { reason } | Outcome::DeadLetter { reason } => reason,
+        }
+    }
+}
+
+/// Statuses an `OPTIONS` probe may answer for the host to count as back.
+pub const PROBE_OK: [u16; 9] = [200, 204, 301, 302, 303, 307, 308, 404, 405];
+
+/// Classify an HTTP response (DESIGN.md §2).
+pub fn classify(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Outcome {
+    let code = status.as_u16();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| parse_retry_after(v, now));
+    let reason = format!("http_{code}");
+    match code {
+        200..=299 => Outcome::Delivered,
+        400 => match header("x-retry-after") {
+            Some(delay) => Outcome::Schedule { delay: Some(delay), reason },
+            None => Outcome::DeadLetter { reason },
+        },
+        // 429 without Retry-After is still "slow down", never a reason to drop the event.
+        429 => Outcome::Schedule { delay: header("retry-after"), reason },
+        503 => match header("retry-after") {
+            Some(delay) => Outcome::Schedule { delay: Some(delay), reason },
+            None => Outcome::HostDown { reason },
+        },
+        502 | 504 => Outcome::HostDown { reason },
+        _ => Outcome::DeadLetter { reason },
+    }
+}
+
+/// Classify a transport error: the host is unreachable or too slow.
+pub fn classify_error(err: &reqwest::Error) -> Outcome {
+    let reason = if err.is_timeout() {
+        "timeout"
+    } else if err.is_connect() {
+        "connect_error"
+    } else {
+        "request_error"
+    };
+    Outcome::HostDown { reason: reason.into() }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Sends events over one shared connection pool.
+#[derive(Clone)]
+pub struct Deliverer {
+    client: reqwest::Client,
+    default_uri: String,
+    read_timeout: Duration,
+    secret: Option<Vec<u8>>,
+}
+
+impl Deliverer {
+    pub fn new(cfg: &Config) -> crate::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("eventworker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            client,
+            default_uri: cfg.default_worker_uri.clone(),
+            read_timeout: cfg.read_timeout,
+            secret: cfg.webhook_secret.clone(),
+        })
+    }
+
+    /// The URL an event goes to.
+    pub fn target(&self, ev: &Event) -> String {
+        match &ev.url {
+            Some(u) => u.clone(),
+            None => self.default_uri.replace("[EVENT_TYPE]", &ev.event_type),
+        }
+    }
+
+    /// One POST attempt. `attempt` is 1-based.
+    pub async fn deliver(&self, ev: &Event, url: &str, stream_key: &str, attempt: u32) -> Outcome {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        if let Some(id) = ev.id.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            headers.insert("x-event-id", id);
+        }
+        if let Ok(v) = HeaderValue::from_str(&ev.event_type) {
+            headers.insert("x-event-type", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(ev.queue.as_deref().unwrap_or(stream_key)) {
+            headers.insert("x-event-queue", v);
+        }
+        headers.insert("x-event-attempt", HeaderValue::from(attempt));
+        if let Ok(v) = HeaderValue::from_str(&traceparent()) {
+            headers.insert("traceparent", v);
+        }
+        if let Some(secret) = &self.secret {
+            let ts = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let msg_id = ev.dlq_id();
+            let sig = sign(secret, msg_id, ts, &ev.payload);
+            for (k, v) in [("webhook-id", msg_id.to_string()), ("webhook-timestamp", ts.to_string()), ("webhook-signature", sig)] {
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    headers.insert(k, v);
+                }
+            }
+        }
+        let request = self
+            .client
+            .post(url)
+            .headers(headers)
+            .timeout(ev.timeout.unwrap_or(self.read_timeout))
+            .body(ev.payload.clone());
+        match request.send().await {
+            Ok(resp) => {
+                let outcome = classify(resp.status(), resp.headers(), SystemTime::now());
+                // Drain the body so the connection goes back to the pool.
+                let _ = resp.bytes().await;
+                outcome
+            }
+            Err(e) if e.is_builder() => Outcome::DeadLetter { reason: "invalid_url".into() },
+            Err(e) => classify_error(&e),
+        }
+    }
+
+    /// `OPTIONS` probe: is the host answering again?
+    pub async fn probe(&self, url: &str) -> bool {
+        match self.client.request(reqwest::Method::OPTIONS, url).timeout(self.read_timeout.min(Duration::from_secs(10))).send().await {
+            Ok(resp) => PROBE_OK.contains(&resp.status().as_u16()),
+            Err(_) => false,
+        }
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+/// The pause domain of a URL: scheme, host and port.
+pub fn host_key(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!("{}://{}:{}", u.scheme(), u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(0)),
+        Err(_) => "invalid".into(),
+    }
+}
+
+/// Standard Webhooks signature: `v1,` + base64(HMAC-SHA256(secret, "{id}.{timestamp}.{body}")).
+pub fn sign(secret: &[u8], msg_id: &str, timestamp: u64, body: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(msg_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// A fresh W3C trace context for a request.
+pub fn traceparent() -> String {
+    let trace: u128 = rand::random::<u128>().max(1);
+    let span: u64 = rand::random::<u64>().max(1);
+    format!("00-{trace:032x}-{span:016x}-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdrs(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn c(code: u16, pairs: &[(&'static str, &str)]) -> Outcome {
+        classify(StatusCode::from_u16(code).unwrap(), &hdrs(pairs), SystemTime::now())
+    }
+
+    #[test]
+    fn classification_follows_the_contract() {
+        assert_eq!(c(200, &[]), Outcome::Delivered);
+        assert_eq!(c(204, &[]), Outcome::Delivered);
+        assert_eq!(
+            c(400, &[("x-retry-after", "30")]),
+            Outcome::Schedule { delay: Some(Duration::from_secs(30)), reason: "http_400".into() }
+        );
+        assert_eq!(c(400, &[]), Outcome::DeadLetter { reason: "http_400".into() });
+        assert_eq!(c(400, &[("retry-after", "3")]), Outcome::DeadLetter { reason: "http_400".into() });
+        assert_eq!(c(429, &[("retry-after", "2")]), Outcome::Schedule { delay: Some(Duration::from_secs(2)), reason: "http_429".into() });
+        assert_eq!(c(429, &[]), Outcome::Schedule { delay: None, reason: "http_429".into() });
+        assert_eq!(c(503, &[("retry-after", "1")]), Outcome::Schedule { delay: Some(Duration::from_secs(1)), reason: "http_503".into() });
+        assert_eq!(c(503, &[]), Outcome::HostDown { reason: "http_503".into() });
+        assert_eq!(c(502, &[]), Outcome::HostDown { reason: "http_502".into() });
+        assert_eq!(c(504, &[]), Outcome::HostDown { reason: "http_504".into() });
+        for code in [301, 401, 404, 409, 422, 500, 501] {
+            assert_eq!(c(code, &[]), Outcome::DeadLetter { reason: format!("http_{code}") });
+        }
+    }
+
+    #[test]
+    fn standard_webhooks_signature() {
+        // Test vector from the Standard Webhooks specification's reference implementations.
+        use base64::Engine;
+        let secret = base64::engine::general_purpose::STANDARD.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let sig = sign(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn host_keys_include_port() {
+        assert_eq!(host_key("http://a:8080/x/1"), "http://a:8080");
+        assert_eq!(host_key("https://a/x"), "https://a:443");
+        assert_ne!(host_key("http://a:1/"), host_key("http://a:2/"));
+    }
+
+    #[test]
+    fn traceparent_is_w3c() {
+        let t = traceparent();
+        let parts: Vec<_> = t.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "01"));
+    }
+}

@@ -1,0 +1,33 @@
+use std::time::Duration;
+
+use super::DeadLetter;
+use crate::{Error, Result};
+
+/// POSTs `{"id","type","reason","payload"}` to `DLQ_URI`; only a 2xx counts as accepted.
+pub struct HttpSink {
+    uri: String,
+    client: reqwest::Client,
+}
+
+impl HttpSink {
+    pub fn new(uri: String, client: reqwest::Client) -> Self {
+        Self { uri, client }
+    }
+
+    pub async fn send(&self, record: &DeadLetter) -> Result<()> {
+        let err = |msg: String| Error::DeadLetter { sink: "http", msg };
+        let resp = self
+            .client
+            .post(&self.uri)
+            .json(record)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(err(format!("{} answered {}", self.uri, resp.status())))
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Dead-letter sinks. The first configured wins: SQL (next), HTTP, console. A sink either
+//! accepts a record durably (`Ok`) or fails; the caller holds the event and retries.
+
+mod console;
+mod http;
+
+use base64::Engine;
+use serde::Serialize;
+
+pub use console::ConsoleSink;
+pub use http::HttpSink;
+
+use crate::config::DlqConfig;
+use crate::{Error, Result};
+
+/// What the sinks receive: the original's four fields plus context for stores that keep it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeadLetter {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub reason: String,
+    pub payload: String,
+    #[serde(skip)]
+    pub stream: String,
+    #[serde(skip)]
+    pub attempts: u32,
+}
+
+/// Payload bytes as text: UTF-8 as is; anything else base64 with a `base64:` prefix, so
+/// nothing is lost in a TEXT column or a JSON string.
+pub fn payload_text(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("base64:{}", base64::engine::general_purpose::STANDARD.encode(payload)),
+    }
+}
+
+pub enum Sink {
+    Console(ConsoleSink),
+    Http(HttpSink),
+}
+
+impl Sink {
+    pub fn from_config(cfg: &DlqConfig, client: reqwest::Client) -> Result<Self> {
+        match cfg {
+            DlqConfig::Console => Ok(Sink::Console(ConsoleSink)),
+            DlqConfig::Http { uri } => Ok(Sink::Http(HttpSink::new(uri.clone(), client))),
+            DlqConfig::Sql { .. } => Err(Error::Config {
+                var: "DLQ_DB_CONNECTION",
+                msg: "the SQL dead-letter sink is not available in this build".into(),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Sink::Console(_) => "console",
+            Sink::Http(_) => "http",
+        }
+    }
+
+    pub async fn send(&self, record: &DeadLetter) -> Result<()> {
+        match self {
+            Sink::Console(s) => s.send(record),
+            Sink::Http(s) => s.send(record).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_json_has_the_original_fields_only() {
+        let r = DeadLetter {
+            id: "7".into(),
+            event_type: "t".into(),
+            reason: "http_404".into(),
+            payload: "{}".into(),
+            stream: "events:fast".into(),
+            attempts: 1,
+        };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"id":"7","type":"t","reason":"http_404","payload":"{}"}"#);
+    }
+
+    #[test]
+    fn binary_payloads_survive() {
+        assert_eq!(payload_text(b"hello"), "hello");
+        assert_eq!(payload_text(&[0xff, 0x00]), "base64:/wA=");
+    }
+}

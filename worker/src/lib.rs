@@ -1,0 +1,104 @@
+//! eventworker: delivers events from Redis Streams to HTTP endpoints.
+
+pub mod admin;
+pub mod config;
+pub mod consumer;
+pub mod delivery;
+pub mod dlq;
+pub mod error;
+pub mod event;
+pub mod hosts;
+pub mod metrics;
+pub mod retry;
+pub mod scheduler;
+pub mod shutdown;
+pub mod stats;
+pub mod streams;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::{Error, Result};
+
+use crate::admin::{AdminState, Health};
+use crate::config::Config;
+use crate::consumer::Worker;
+use crate::delivery::Deliverer;
+use crate::dlq::Sink;
+use crate::hosts::HostGate;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// Run the worker until `shutdown.stop` fires and in-flight work has drained (or the grace
+/// period ran out).
+pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
+    let cfg = Arc::new(cfg);
+    let metrics = Arc::new(Metrics::new());
+    let deliverer = Deliverer::new(&cfg)?;
+    let sink = Sink::from_config(&cfg.dlq, deliverer.client().clone())?;
+    let redis = streams::connect_lazy(&cfg.redis_url, Duration::from_secs(5))?;
+    let health = Arc::new(Health::new(&cfg.streams));
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", cfg.metrics_port)).await.map_err(|e| Error::Config {
+        var: "METRICS_PORT",
+        msg: format!("cannot listen on port {}: {e}", cfg.metrics_port),
+    })?;
+    tracing::info!(
+        streams = ?cfg.streams,
+        group = %cfg.group,
+        ordering = ?cfg.ordering,
+        dlq = sink.name(),
+        metrics_port = cfg.metrics_port,
+        "eventworker {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    let w = Arc::new(Worker {
+        hosts: HostGate::new(deliverer.clone(), metrics.clone(), shutdown.hard.clone()),
+        scripts: streams::Scripts::default(),
+        cfg: cfg.clone(),
+        redis: redis.clone(),
+        deliverer,
+        sink,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+    });
+
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let app = admin::router(AdminState { metrics, health, redis: Some(redis) });
+    let admin = tokio::spawn({
+        let stop = admin_stop.clone();
+        async move { axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await }
+    });
+
+    // The grace period starts when the stop is requested; then in-flight work is abandoned.
+    tokio::spawn({
+        let s = shutdown.clone();
+        let grace = cfg.shutdown_grace;
+        async move {
+            s.stop.cancelled().await;
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {
+                    tracing::warn!("grace period over: abandoning in-flight events (they stay pending)");
+                    s.hard.cancel();
+                }
+                _ = s.hard.cancelled() => {}
+            }
+        }
+    });
+
+    let scheduler = tokio::spawn(scheduler::run(w.clone()));
+    let stats = tokio::spawn(stats::run(w.clone()));
+    let consumers: Vec<_> = cfg.streams.iter().map(|name| tokio::spawn(consumer::run_stream(w.clone(), name.clone()))).collect();
+    for c in consumers {
+        let _ = c.await;
+    }
+    let _ = scheduler.await;
+    let _ = stats.await;
+    // Everything drained: let the grace timer go.
+    shutdown.hard.cancel();
+    admin_stop.cancel();
+    let _ = admin.await;
+    tracing::info!("eventworker stopped");
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! Every metric the worker exports, registered into one registry.
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    // Names kept from the original worker.
+    pub processed: IntCounterVec,
+    pub failed: IntCounterVec,
+    pub event_age: HistogramVec,
+    pub processing_duration: HistogramVec,
+    // Added.
+    pub dead_lettered: IntCounterVec,
+    pub dlq_sink_errors: IntCounterVec,
+    pub retries_scheduled: IntCounterVec,
+    pub scheduled_retries: IntGauge,
+    pub in_flight: IntGaugeVec,
+    pub stream_length: IntGaugeVec,
+    pub stream_pending: IntGaugeVec,
+    pub stream_lag: IntGaugeVec,
+    pub oldest_pending_age: GaugeVec,
+    pub host_circuit_open: IntGaugeVec,
+    pub redis_errors: IntCounterVec,
+    pub claimed: IntCounterVec,
+    pub ack_batch: Histogram,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let lat = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+        let age = vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0];
+        let counter = |name: &str, help: &str, labels: &[&str]| reg(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let gauge = |name: &str, help: &str, labels: &[&str]| reg(&r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        Self {
+            processed: counter("events_processed_total", "Events delivered (2xx)", &["stream", "type"]),
+            failed: counter("events_failed_total", "Failed delivery attempts", &["stream", "type", "reason"]),
+            event_age: reg(
+                &r,
+                HistogramVec::new(HistogramOpts::new("event_age_seconds", "createdAt to delivery").buckets(age), &["stream", "type"])
+                    .expect("valid metric"),
+            ),
+            processing_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("event_processing_duration_seconds", "Duration of one delivery attempt").buckets(lat),
+                    &["type"],
+                )
+                .expect("valid metric"),
+            ),
+            dead_lettered: counter("events_dead_lettered_total", "Events handed to the dead-letter sink", &["stream", "reason"]),
+            dlq_sink_errors: counter("dlq_sink_errors_total", "Dead-letter sink failures (the event is held and retried)", &["sink"]),
+            retries_scheduled: counter("events_retry_scheduled_total", "Events scheduled for a later retry", &["stream"]),
+            scheduled_retries: reg(&r, IntGauge::new("scheduled_retries", "Entries waiting in events:retry:delays").expect("valid metric")),
+            in_flight: gauge("events_in_flight", "Events read and not yet finished", &["stream"]),
+            stream_length: gauge("stream_length", "XLEN of the stream", &["stream"]),
+            stream_pending: gauge("stream_pending", "Entries delivered to the group and not acknowledged", &["stream"]),
+            stream_lag: gauge("stream_lag", "Entries not yet delivered to the group", &["stream"]),
+            oldest_pending_age: reg(
+                &r,
+                GaugeVec::new(Opts::new("stream_oldest_pending_age_seconds", "Age of the oldest pending entry"), &["stream"])
+                    .expect("valid metric"),
+            ),
+            host_circuit_open: gauge("host_circuit_open", "1 while deliveries to a target host are paused", &["host"]),
+            redis_errors: counter("redis_errors_total", "Redis command failures", &["op"]),
+            claimed: counter("events_claimed_total", "Entries recovered from pending lists", &["stream", "source"]),
+            ack_batch: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("ack_batch_size", "Entries acknowledged per round trip")
+                        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+                )
+                .expect("valid metric"),
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_names_are_exported() {
+        let m = Metrics::new();
+        m.processed.with_label_values(&["events:fast", "t"]).inc();
+        m.failed.with_label_values(&["events:fast", "t", "http_500"]).inc();
+        m.event_age.with_label_values(&["events:fast", "t"]).observe(1.0);
+        m.processing_duration.with_label_values(&["t"]).observe(0.1);
+        let text = m.render();
+        for name in [
+            "events_processed_total{stream=\"events:fast\",type=\"t\"} 1",
+            "events_failed_total{reason=\"http_500\",stream=\"events:fast\",type=\"t\"} 1",
+            "event_age_seconds_count{stream=\"events:fast\",type=\"t\"} 1",
+            "event_processing_duration_seconds_count{type=\"t\"} 1",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Redis access: connections, stream commands and the atomic scripts every state change
+//! goes through. An entry is acknowledged only in the same step that makes its next home
+//! durable, or after it was delivered.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError, Script, Value};
+
+use crate::event::RawEntry;
+use crate::Result;
+
+pub const RETRY_STREAM: &str = "events:retry";
+pub const RETRY_DELAYS: &str = "events:retry:delays";
+
+/// Connect with automatic reconnection. `response_timeout` must exceed any BLOCK used on it.
+pub async fn connect(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
+    let client = Client::open(url)?;
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(response_timeout))
+        .set_min_delay(Duration::from_millis(100))
+        .set_max_delay(Duration::from_secs(2))
+        .set_number_of_retries(2);
+    Ok(ConnectionManager::new_with_config(client, cfg).await?)
+}
+
+/// Like [`connect`], but returns at once and connects in the background (the worker must
+/// start, and report not-ready, while Redis is down).
+pub fn connect_lazy(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
+    let client = Client::open(url)?;
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(response_timeout))
+        .set_min_delay(Duration::from_millis(100))
+        .set_max_delay(Duration::from_secs(2))
+        .set_number_of_retries(2);
+    Ok(ConnectionManager::new_lazy_with_config(client, cfg)?)
+}
+
+pub fn is_nogroup(e: &RedisError) -> bool {
+    e.code() == Some("NOGROUP")
+}
+
+/// `XGROUP CREATE <key> <group> 0 MKSTREAM`; an existing group is fine.
+pub async fn ensure_group(con: &mut ConnectionManager, key: &str, group: &str) -> Result<()> {
+    let r: redis::RedisResult<Value> =
+        redis::cmd("XGROUP").arg("CREATE").arg(key).arg(group).arg("0").arg("MKSTREAM").query_async(con).await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// XREADGROUP for one stream. `id` is ">" for new entries or an id for the own pending list.
+pub async fn read_group(
+    con: &mut ConnectionManager,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    id: &str,
+    count: usize,
+    block: Option<Duration>,
+) -> std::result::Result<Vec<RawEntry>, RedisError> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+    if let Some(b) = block {
+        cmd.arg("BLOCK").arg(b.as_millis() as u64);
+    }
+    cmd.arg("STREAMS").arg(key).arg(id);
+    let v: Value = cmd.query_async(con).await?;
+    let mut out = Vec::new();
+    // RESP2: [[key, [entries]]]; RESP3: {key: [entries]}; Nil on timeout.
+    match v {
+        Value::Array(streams) => {
+            for s in streams {
+                if let Value::Array(mut kv) = s {
+                    if kv.len() == 2 {
+                        out.extend(parse_entries(kv.swap_remove(1)));
+                    }
+                }
+            }
+        }
+        Value::Map(pairs) => {
+            for (_, entries) in pairs {
+                out.extend(parse_entries(entries));
+            }
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+/// XAUTOCLAIM: take over entries idle longer than `min_idle` in any consumer's pending list.
+/// Returns the next cursor and the claimed entries (deleted ones are dropped by Redis).
+pub async fn autoclaim(
+    con: &mut ConnectionManager,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    min_idle: Duration,
+    cursor: &str,
+    count: usize,
+) -> std::result::Result<(String, Vec<RawEntry>), RedisError> {
+    let v: Value = redis::cmd("XAUTOCLAIM")
+        .arg(key)
+        .arg(group)
+        .arg(consumer)
+        .arg(min_idle.as_millis() as u64)
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(con)
+        .await?;
+    let Value::Array(mut parts) = v else { return Ok(("0-0".into(), vec![])) };
+    if parts.len() < 2 {
+        return Ok(("0-0".into(), vec![]));
+    }
+    let entries = parse_entries(parts.swap_remove(1));
+    let next = as_string(&parts[0]).unwrap_or_else(|| "0-0".into());
+    Ok((next, entries))
+}
+
+/// Reset the idle time of entries this consumer is still working on, so that other
+/// consumers do not take them over.
+pub async fn touch(con: &mut ConnectionManager, key: &str, group: &str, consumer: &str, ids: &[String]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let _: Value = redis::cmd("XCLAIM")
+        .arg(key)
+        .arg(group)
+        .arg(consumer)
+        .arg(0)
+        .arg(ids)
+        .arg("JUSTID")
+        .query_async(con)
+        .await?;
+    Ok(())
+}
+
+/// Acknowledge delivered entries in one round trip: XACK, XDEL (optional) and clear the
+/// attempt counters of those that had failed before.
+pub async fn ack(
+    con: &mut ConnectionManager,
+    key: &str,
+    group: &str,
+    ids: &[String],
+    delete: bool,
+    counters: &[String],
+) -> Result<()> {
+    let mut p = redis::pipe();
+    p.cmd("XACK").arg(key).arg(group).arg(ids).ignore();
+    if delete {
+        p.cmd("XDEL").arg(key).arg(ids).ignore();
+    }
+    if !counters.is_empty() {
+        p.cmd("DEL").arg(counters).ignore();
+    }
+    let _: () = p.query_async(con).await?;
+    Ok(())
+}
+
+pub fn counter_key(stream_key: &str, id: &str) -> String {
+    format!("err_count:{stream_key}:{id}")
+}
+
+/// INCR the attempt counter and refresh its TTL; returns the failures recorded so far.
+pub async fn count_failure(con: &mut ConnectionManager, counter: &str, ttl: Duration) -> Result<u32> {
+    let (n,): (i64,) = redis::pipe()
+        .cmd("INCR")
+        .arg(counter)
+        .cmd("EXPIRE")
+        .arg(counter)
+        .arg(ttl.as_secs())
+        .ignore()
+        .query_async(con)
+        .await?;
+    Ok(n.clamp(0, u32::MAX as i64) as u32)
+}
+
+pub async fn get_failures(con: &mut ConnectionManager, counter: &str) -> Result<u32> {
+    let n: Option<i64> = redis::cmd("GET").arg(counter).query_async(con).await?;
+    Ok(n.unwrap_or(0).clamp(0, u32::MAX as i64) as u32)
+}
+
+/// Move an entry to the retry schedule and acknowledge it, atomically.
+const SCHEDULE_LUA: &str = r#"
+local args = {'meta', ARGV[5], 'stream', KEYS[1], 'payload', ARGV[6]}
+if ARGV[7] ~= '' then table.insert(args, 'timeout'); table.insert(args, ARGV[7]) end
+local rid = redis.call('XADD', KEYS[2], '*', unpack(args))
+redis.call('ZADD', KEYS[3], ARGV[4], rid)
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
+return rid
+"#;
+
+/// Move due retries back to their streams, atomically per call. Entries whose `stream`
+/// field is missing go to the fallback stream rather than being dropped.
+const MOVE_DUE_LUA: &str = r#"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local moved = 0
+for _, rid in ipairs(ids) do
+  local entries = redis.call('XRANGE', KEYS[1], rid, rid)
+  if #entries > 0 then
+    local f = entries[1][2]
+    local target = nil
+    local args = {}
+    for i = 1, #f, 2 do
+      if f[i] == 'stream' then target = f[i + 1] else
+        table.insert(args, f[i]); table.insert(args, f[i + 1])
+      end
+    end
+    if target == nil or target == '' then target = ARGV[4] end
+    if string.sub(target, 1, #ARGV[3]) ~= ARGV[3] then target = ARGV[3] .. target end
+    redis.call('XADD', target, '*', unpack(args))
+    redis.call('XDEL', KEYS[1], rid)
+    moved = moved + 1
+  end
+  redis.call('ZREM', KEYS[2], rid)
+end
+return moved
+"#;
+
+pub struct Scripts {
+    schedule: Script,
+    move_due: Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self { schedule: Script::new(SCHEDULE_LUA), move_due: Script::new(MOVE_DUE_LUA) }
+    }
+}
+
+/// One scheduled retry.
+pub struct ScheduleReq<'a> {
+    pub stream_key: &'a str,
+    pub group: &'a str,
+    pub entry_id: &'a str,
+    pub delete: bool,
+    pub due_unix: f64,
+    pub meta_json: &'a str,
+    pub payload: &'a [u8],
+    pub timeout: Option<&'a [u8]>,
+}
+
+impl Scripts {
+    pub async fn schedule(&self, con: &mut ConnectionManager, r: &ScheduleReq<'_>) -> Result<String> {
+        let id: String = self
+            .schedule
+            .key(r.stream_key)
+            .key(RETRY_STREAM)
+            .key(RETRY_DELAYS)
+            .arg(r.group)
+            .arg(r.entry_id)
+            .arg(if r.delete { "1" } else { "0" })
+            .arg(format!("{:.3}", r.due_unix))
+            .arg(r.meta_json)
+            .arg(r.payload)
+            .arg(r.timeout.unwrap_or(b""))
+            .invoke_async(con)
+            .await?;
+        Ok(id)
+    }
+
+    /// Returns how many entries were moved.
+    pub async fn move_due(&self, con: &mut ConnectionManager, now_unix: f64, limit: usize, fallback: &str) -> Result<usize> {
+        let n: i64 = self
+            .move_due
+            .key(RETRY_STREAM)
+            .key(RETRY_DELAYS)
+            .arg(format!("{now_unix:.3}"))
+            .arg(limit)
+            .arg(crate::config::STREAM_PREFIX)
+            .arg(fallback)
+            .invoke_async(con)
+            .await?;
+        Ok(n.max(0) as usize)
+    }
+}
+
+/// Group statistics of one stream, for the gauges.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StreamStats {
+    pub length: i64,
+    pub pending: i64,
+    pub lag: i64,
+    pub oldest_pending_ms: Option<u64>,
+}
+
+pub async fn stats(con: &mut ConnectionManager, key: &str, group: &str) -> Result<StreamStats> {
+    let (length, groups, pending): (i64, Value, Value) = redis::pipe()
+        .cmd("XLEN")
+        .arg(key)
+        .cmd("XINFO")
+        .arg("GROUPS")
+        .arg(key)
+        .cmd("XPENDING")
+        .arg(key)
+        .arg(group)
+        .query_async(con)
+        .await?;
+    let mut s = StreamStats { length, ..Default::default() };
+    if let Value::Array(groups) = groups {
+        for g in groups {
+            let fields = pairs(g);
+            let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+            if get("name").and_then(as_string).as_deref() != Some(group) {
+                continue;
+            }
+            s.pending = get("pending").and_then(as_i64).unwrap_or(0);
+            s.lag = get("lag").and_then(as_i64).unwrap_or(0);
+        }
+    }
+    if let Value::Array(p) = pending {
+        if p.len() >= 2 {
+            s.oldest_pending_ms = as_string(&p[1]).as_deref().and_then(crate::event::entry_millis);
+        }
+    }
+    Ok(s)
+}
+
+pub async fn scheduled_count(con: &mut ConnectionManager) -> Result<i64> {
+    Ok(redis::cmd("ZCARD").arg(RETRY_DELAYS).query_async(con).await?)
+}
+
+fn pairs(v: Value) -> Vec<(String, Value)> {
+    match v {
+        Value::Array(items) => {
+            let mut out = Vec::new();
+            let mut it = items.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let Some(k) = as_string(&k) {
+                    out.push((k, v));
+                }
+            }
+            out
+        }
+        Value::Map(m) => m.into_iter().filter_map(|(k, v)| as_string(&k).map(|k| (k, v))).collect(),
+        _ => vec![],
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => as_string(other)?.parse().ok(),
+    }
+}
+
+fn parse_entries(v: Value) -> Vec<RawEntry> {
+    let Value::Array(items) = v else { return vec![] };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let Value::Array(mut parts) = item else { return None };
+            if parts.len() < 2 {
+                return None;
+            }
+            let fields = match parts.swap_remove(1) {
+                Value::Array(kvs) => {
+                    let mut out = Vec::with_capacity(kvs.len() / 2);
+                    let mut it = kvs.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        let v = match v {
+                            Value::BulkString(b) => Bytes::from(b),
+                            other => Bytes::from(as_string(&other).unwrap_or_default()),
+                        };
+                        out.push((as_string(&k).unwrap_or_default(), v));
+                    }
+                    Some(out)
+                }
+                Value::Map(m) => Some(
+                    m.into_iter()
+                        .map(|(k, v)| (as_string(&k).unwrap_or_default(), Bytes::from(as_string(&v).unwrap_or_default())))
+                        .collect(),
+                ),
+                _ => None,
+            };
+            Some(RawEntry { id: as_string(&parts[0])?, fields })
+        })
+        .collect()
+}
