@@ -97,7 +97,7 @@ pub struct Args {
     #[arg(long, env = "ORDERING_KEY_FIELD", default_value = "orderingKey")]
     pub ordering_key_field: String,
     /// Most events in flight per stream (read but not yet finished).
-    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 128)]
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 64)]
     pub max_in_flight: usize,
     /// Seconds an entry may sit idle in another consumer's pending list before it is taken over.
     #[arg(long, env = "CLAIM_IDLE", default_value_t = 60.0)]
@@ -114,6 +114,10 @@ pub struct Args {
     /// Delay used when a 429 carries no Retry-After, in seconds (doubles per attempt, capped at 1h).
     #[arg(long, env = "RETRY_BACKOFF", default_value_t = 5.0)]
     pub retry_backoff: f64,
+
+    /// Runtime threads (default: one per CPU core).
+    #[arg(long, env = "WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
@@ -145,6 +149,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub retry_backoff: Duration,
     pub log_format: LogFormat,
+    pub worker_threads: Option<usize>,
 }
 
 /// Where dead letters go; the first configured wins: SQL, then HTTP, then console.
@@ -249,6 +254,10 @@ impl Config {
             shutdown_grace: seconds("SHUTDOWN_GRACE", a.shutdown_grace)?,
             retry_backoff: seconds("RETRY_BACKOFF", a.retry_backoff)?,
             log_format: a.log_format,
+            worker_threads: match a.worker_threads {
+                Some(0) => return Err(bad("WORKER_THREADS", "must be at least 1")),
+                n => n,
+            },
         })
     }
 

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Health;
 use crate::config::{stream_key, Config};
-use crate::delivery::{host_key, Deliverer, Outcome};
+use crate::delivery::{Deliverer, Outcome};
 use crate::dlq::{payload_text, DeadLetter, Sink};
 use crate::event::{self, Event, RawEntry, ATTEMPTS_FIELD};
 use crate::hosts::HostGate;
@@ -90,6 +90,7 @@ struct StreamConsumer {
     in_flight: Mutex<HashMap<String, Instant>>,
     acks: mpsc::Sender<Ack>,
     tracker: TaskTracker,
+    in_flight_gauge: prometheus::IntGauge,
 }
 
 /// Consume one stream until shutdown, then drain.
@@ -104,6 +105,7 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
         in_flight: Mutex::new(HashMap::new()),
         acks: tx,
         tracker: TaskTracker::new(),
+        in_flight_gauge: w.metrics.in_flight.with_label_values(&[&key]),
         key,
         w,
     });
@@ -285,7 +287,7 @@ impl StreamConsumer {
 
     fn dispatch(self: &Arc<Self>, entry: RawEntry, recovered: bool, permit: OwnedSemaphorePermit) {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(entry.id.clone(), Instant::now());
-        self.w.metrics.in_flight.with_label_values(&[&self.key]).inc();
+        self.in_flight_gauge.inc();
         let this = self.clone();
         if entry.fields.is_none() {
             // Listed in a pending list but deleted from the stream: nothing left to deliver.
@@ -358,7 +360,7 @@ impl StreamConsumer {
 
     fn done(&self, id: &str, permit: OwnedSemaphorePermit) {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        self.w.metrics.in_flight.with_label_values(&[&self.key]).dec();
+        self.in_flight_gauge.dec();
         drop(permit);
     }
 
@@ -384,15 +386,17 @@ impl StreamConsumer {
                 return self.dead_letter(&ev, "max_attempts", failures).await;
             }
         }
-        let url = w.deliverer.target(&ev);
-        let host = host_key(&url);
+        let Some(target) = w.deliverer.target(&ev) else {
+            w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, "invalid_url"]).inc();
+            return self.dead_letter(&ev, "invalid_url", failures + 1).await;
+        };
         loop {
-            if !w.hosts.wait_open(&host, &w.shutdown.stop).await {
+            if !w.hosts.wait_open(&target.host, &w.shutdown.stop).await {
                 return; // stopping while the host is paused: leave it pending
             }
             let started = Instant::now();
             let outcome = tokio::select! {
-                o = w.deliverer.deliver(&ev, &url, &self.key, failures + 1) => o,
+                o = w.deliverer.deliver(&ev, &target, &self.key, failures + 1) => o,
                 _ = w.shutdown.hard.cancelled() => return,
             };
             w.metrics.processing_duration.with_label_values(&[&ev.event_type]).observe(started.elapsed().as_secs_f64());
@@ -426,7 +430,7 @@ impl StreamConsumer {
                     let delay = delay.unwrap_or_else(|| backoff(cfg.retry_backoff, failures, Duration::from_secs(3600)));
                     return self.schedule(&ev, delay, failures).await;
                 }
-                _ => w.hosts.trip(&host, &url, &reason),
+                _ => w.hosts.trip(&target, &reason),
             }
         }
     }

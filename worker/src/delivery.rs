@@ -1,5 +1,7 @@
 //! Builds the HTTP request for an event and classifies what came back into an [`Outcome`].
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -73,6 +75,24 @@ pub fn classify_error(err: &reqwest::Error) -> Outcome {
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Where an event goes: its URL, parsed, and the host it belongs to for pausing.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: reqwest::Url,
+    pub host: Arc<str>,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Option<Self> {
+        let url = reqwest::Url::parse(url).ok().filter(|u| matches!(u.scheme(), "http" | "https"))?;
+        let host = host_key(&url).into();
+        Some(Self { url, host })
+    }
+}
+
+/// Parsed default targets per event type; bounded, since types come from events.
+const TARGET_CACHE_MAX: usize = 1024;
+
 /// Sends events over one shared connection pool.
 #[derive(Clone)]
 pub struct Deliverer {
@@ -80,6 +100,7 @@ pub struct Deliverer {
     default_uri: String,
     read_timeout: Duration,
     secret: Option<Vec<u8>>,
+    targets: Arc<RwLock<HashMap<String, Target>>>,
 }
 
 impl Deliverer {
@@ -97,19 +118,29 @@ impl Deliverer {
             default_uri: cfg.default_worker_uri.clone(),
             read_timeout: cfg.read_timeout,
             secret: cfg.webhook_secret.clone(),
+            targets: Arc::default(),
         })
     }
 
-    /// The URL an event goes to.
-    pub fn target(&self, ev: &Event) -> String {
-        match &ev.url {
-            Some(u) => u.clone(),
-            None => self.default_uri.replace("[EVENT_TYPE]", &ev.event_type),
+    /// Where an event goes: `meta.url`, or the default URI with its type filled in. None
+    /// when that is not an http(s) URL.
+    pub fn target(&self, ev: &Event) -> Option<Target> {
+        if let Some(u) = &ev.url {
+            return Target::parse(u);
         }
+        if let Some(t) = self.targets.read().unwrap_or_else(|p| p.into_inner()).get(&ev.event_type) {
+            return Some(t.clone());
+        }
+        let t = Target::parse(&self.default_uri.replace("[EVENT_TYPE]", &ev.event_type))?;
+        let mut cache = self.targets.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() < TARGET_CACHE_MAX {
+            cache.insert(ev.event_type.clone(), t.clone());
+        }
+        Some(t)
     }
 
     /// One POST attempt. `attempt` is 1-based.
-    pub async fn deliver(&self, ev: &Event, url: &str, stream_key: &str, attempt: u32) -> Outcome {
+    pub async fn deliver(&self, ev: &Event, target: &Target, stream_key: &str, attempt: u32) -> Outcome {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         if let Some(id) = ev.id.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
@@ -135,13 +166,11 @@ impl Deliverer {
                 }
             }
         }
-        let request = self
-            .client
-            .post(url)
-            .headers(headers)
-            .timeout(ev.timeout.unwrap_or(self.read_timeout))
-            .body(ev.payload.clone());
-        match request.send().await {
+        let mut request = reqwest::Request::new(reqwest::Method::POST, target.url.clone());
+        *request.headers_mut() = headers;
+        *request.timeout_mut() = Some(ev.timeout.unwrap_or(self.read_timeout));
+        *request.body_mut() = Some(ev.payload.clone().into());
+        match self.client.execute(request).await {
             Ok(resp) => {
                 let outcome = classify(resp.status(), resp.headers(), SystemTime::now());
                 // Drain the body so the connection goes back to the pool.
@@ -154,8 +183,8 @@ impl Deliverer {
     }
 
     /// `OPTIONS` probe: is the host answering again?
-    pub async fn probe(&self, url: &str) -> bool {
-        match self.client.request(reqwest::Method::OPTIONS, url).timeout(self.read_timeout.min(Duration::from_secs(10))).send().await {
+    pub async fn probe(&self, url: &reqwest::Url) -> bool {
+        match self.client.request(reqwest::Method::OPTIONS, url.clone()).timeout(self.read_timeout.min(Duration::from_secs(10))).send().await {
             Ok(resp) => PROBE_OK.contains(&resp.status().as_u16()),
             Err(_) => false,
         }
@@ -167,11 +196,8 @@ impl Deliverer {
 }
 
 /// The pause domain of a URL: scheme, host and port.
-pub fn host_key(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(u) => format!("{}://{}:{}", u.scheme(), u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(0)),
-        Err(_) => "invalid".into(),
-    }
+pub fn host_key(u: &reqwest::Url) -> String {
+    format!("{}://{}:{}", u.scheme(), u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(0))
 }
 
 /// Standard Webhooks signature: `v1,` + base64(HMAC-SHA256(secret, "{id}.{timestamp}.{body}")).
@@ -240,9 +266,12 @@ mod tests {
 
     #[test]
     fn host_keys_include_port() {
-        assert_eq!(host_key("http://a:8080/x/1"), "http://a:8080");
-        assert_eq!(host_key("https://a/x"), "https://a:443");
-        assert_ne!(host_key("http://a:1/"), host_key("http://a:2/"));
+        let key = |u: &str| Target::parse(u).unwrap().host.to_string();
+        assert_eq!(key("http://a:8080/x/1"), "http://a:8080");
+        assert_eq!(key("https://a/x"), "https://a:443");
+        assert_ne!(key("http://a:1/"), key("http://a:2/"));
+        assert!(Target::parse("ftp://a/x").is_none());
+        assert!(Target::parse("not a url").is_none());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::Deliverer;
+use crate::delivery::{Deliverer, Target};
 use crate::metrics::Metrics;
 use crate::retry::backoff;
 
@@ -49,7 +49,8 @@ impl HostGate {
     }
 
     /// Pause `host` and start probing `url` until it answers; no-op when already paused.
-    pub fn trip(self: &Arc<Self>, host: &str, url: &str, reason: &str) {
+    pub fn trip(self: &Arc<Self>, target: &Target, reason: &str) {
+        let host: &str = &target.host;
         {
             let mut map = self.lock();
             let tx = map.entry(host.to_string()).or_insert_with(|| watch::channel(true).0);
@@ -61,7 +62,7 @@ impl HostGate {
         self.metrics.host_circuit_open.with_label_values(&[host]).set(1);
         tracing::warn!(host, reason, "target host unavailable: pausing its deliveries until a probe succeeds");
         let gate = self.clone();
-        let (host, url) = (host.to_string(), url.to_string());
+        let (host, url) = (host.to_string(), target.url.clone());
         tokio::spawn(async move {
             for n in 1.. {
                 tokio::select! {

@@ -354,6 +354,14 @@ fn as_string(v: &Value) -> Option<String> {
     }
 }
 
+fn into_string(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        other => as_string(&other),
+    }
+}
+
 fn as_i64(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
@@ -379,7 +387,7 @@ fn parse_entries(v: Value) -> Vec<RawEntry> {
                             Value::BulkString(b) => Bytes::from(b),
                             other => Bytes::from(as_string(&other).unwrap_or_default()),
                         };
-                        out.push((as_string(&k).unwrap_or_default(), v));
+                        out.push((into_string(k).unwrap_or_default(), v));
                     }
                     Some(out)
                 }
@@ -390,7 +398,7 @@ fn parse_entries(v: Value) -> Vec<RawEntry> {
                 ),
                 _ => None,
             };
-            Some(RawEntry { id: as_string(&parts[0])?, fields })
+            Some(RawEntry { id: into_string(parts.swap_remove(0))?, fields })
         })
         .collect()
 }

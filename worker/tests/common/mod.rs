@@ -41,23 +41,31 @@ where
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
+    durable: bool,
     child: Option<Child>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(true)
+    }
+
+    /// `durable: false` keeps everything in memory (for the benchmark and the demo).
+    pub fn start_with(durable: bool) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("ew-redis-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut s = Self { port, dir, child: None };
+        let mut s = Self { port, dir, durable, child: None };
         s.spawn();
         s
     }
 
     fn spawn(&mut self) {
+        let aof = if self.durable { ["--appendonly", "yes", "--appendfsync", "always"] } else { ["--appendonly", "no", "--appendfsync", "no"] };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .args(aof)
+            .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -76,6 +84,10 @@ impl RedisServer {
             assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
     pub fn url(&self) -> String {
