@@ -83,7 +83,8 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     if let Some(mut con) = s.redis.clone() {
-        let ping = tokio::time::timeout(Duration::from_secs(1), redis::cmd("PING").query_async::<String>(&mut con)).await;
+        let ping =
+            tokio::time::timeout(Duration::from_secs(1), redis::cmd("PING").query_async::<String>(&mut con)).await;
         s.health.redis_ok.store(matches!(ping, Ok(Ok(_))), Ordering::Relaxed);
     }
     let problems = s.health.problems();

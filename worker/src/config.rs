@@ -155,14 +155,8 @@ pub struct Config {
 /// Where dead letters go; the first configured wins: SQL, then HTTP, then console.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DlqConfig {
-    Sql {
-        url: String,
-        table: String,
-        event_table: Option<String>,
-    },
-    Http {
-        uri: String,
-    },
+    Sql { url: String, table: String, event_table: Option<String> },
+    Http { uri: String },
     Console,
 }
 
@@ -179,12 +173,8 @@ impl Config {
 
     pub fn from_args(a: Args) -> Result<Self> {
         let redis_url = redis_url(&a)?;
-        let streams: Vec<String> = a
-            .streams
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let streams: Vec<String> =
+            a.streams.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         if streams.is_empty() {
             return Err(bad("STREAMS", "needs at least one stream name"));
         }
@@ -287,9 +277,8 @@ fn redis_url(a: &Args) -> Result<String> {
     }
     let (host, port) = match a.redis_host_port.as_deref().filter(|s| !s.is_empty()) {
         Some(hp) => {
-            let (h, p) = hp
-                .rsplit_once(':')
-                .ok_or_else(|| bad("REDIS_HOST_PORT", format!("{hp:?} is not host:port")))?;
+            let (h, p) =
+                hp.rsplit_once(':').ok_or_else(|| bad("REDIS_HOST_PORT", format!("{hp:?} is not host:port")))?;
             let p: u16 = p.parse().map_err(|_| bad("REDIS_HOST_PORT", format!("{p:?} is not a port")))?;
             (h.to_string(), p)
         }

@@ -182,15 +182,19 @@ impl StreamConsumer {
             let Some(permits) = self.acquire_permits().await else { break };
             let want = permits.len();
             let result = if let Some(cursor) = own_cursor.clone() {
-                streams::read_group(&mut con, &self.key, &cfg.group, &self.consumer, &cursor, want, None)
-                    .await
-                    .map(|entries| {
+                streams::read_group(&mut con, &self.key, &cfg.group, &self.consumer, &cursor, want, None).await.map(
+                    |entries| {
                         own_cursor = entries.last().map(|e| e.id.clone());
                         if !entries.is_empty() {
-                            self.w.metrics.claimed.with_label_values(&[&self.key, "own_pending"]).inc_by(entries.len() as u64);
+                            self.w
+                                .metrics
+                                .claimed
+                                .with_label_values(&[&self.key, "own_pending"])
+                                .inc_by(entries.len() as u64);
                         }
                         (entries, true)
-                    })
+                    },
+                )
             } else if Instant::now() >= next_claim {
                 next_claim = Instant::now() + cfg.claim_idle / 2;
                 streams::autoclaim(&mut con, &self.key, &cfg.group, &self.consumer, cfg.claim_idle, "0-0", want).await.map(
@@ -377,7 +381,8 @@ impl StreamConsumer {
         let mut failures = ev.prior_failures;
         if recovered {
             let c = &counter;
-            let Some(n) = w.redis_retry("get_attempts", |mut con| async move { streams::get_failures(&mut con, c).await }).await
+            let Some(n) =
+                w.redis_retry("get_attempts", |mut con| async move { streams::get_failures(&mut con, c).await }).await
             else {
                 return;
             };
@@ -416,7 +421,9 @@ impl StreamConsumer {
             }
             let c = &counter;
             let ttl = cfg.attempt_ttl;
-            let Some(n) = w.redis_retry("count_attempt", |mut con| async move { streams::count_failure(&mut con, c, ttl).await }).await
+            let Some(n) = w
+                .redis_retry("count_attempt", |mut con| async move { streams::count_failure(&mut con, c, ttl).await })
+                .await
             else {
                 return;
             };
@@ -427,7 +434,8 @@ impl StreamConsumer {
             }
             match outcome {
                 Outcome::Schedule { delay, .. } => {
-                    let delay = delay.unwrap_or_else(|| backoff(cfg.retry_backoff, failures, Duration::from_secs(3600)));
+                    let delay =
+                        delay.unwrap_or_else(|| backoff(cfg.retry_backoff, failures, Duration::from_secs(3600)));
                     return self.schedule(&ev, delay, failures).await;
                 }
                 _ => w.hosts.trip(&target, &reason),
@@ -484,12 +492,8 @@ impl StreamConsumer {
         let payload = match entry.field("payload") {
             Some(p) => payload_text(p),
             None => {
-                let fields: serde_json::Map<String, Value> = entry
-                    .fields
-                    .iter()
-                    .flatten()
-                    .map(|(k, v)| (k.clone(), Value::String(payload_text(v))))
-                    .collect();
+                let fields: serde_json::Map<String, Value> =
+                    entry.fields.iter().flatten().map(|(k, v)| (k.clone(), Value::String(payload_text(v)))).collect();
                 Value::Object(fields).to_string()
             }
         };

@@ -160,7 +160,9 @@ impl Deliverer {
             let ts = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let msg_id = ev.dlq_id();
             let sig = sign(secret, msg_id, ts, &ev.payload);
-            for (k, v) in [("webhook-id", msg_id.to_string()), ("webhook-timestamp", ts.to_string()), ("webhook-signature", sig)] {
+            for (k, v) in
+                [("webhook-id", msg_id.to_string()), ("webhook-timestamp", ts.to_string()), ("webhook-signature", sig)]
+            {
                 if let Ok(v) = HeaderValue::from_str(&v) {
                     headers.insert(k, v);
                 }
@@ -184,7 +186,13 @@ impl Deliverer {
 
     /// `OPTIONS` probe: is the host answering again?
     pub async fn probe(&self, url: &reqwest::Url) -> bool {
-        match self.client.request(reqwest::Method::OPTIONS, url.clone()).timeout(self.read_timeout.min(Duration::from_secs(10))).send().await {
+        match self
+            .client
+            .request(reqwest::Method::OPTIONS, url.clone())
+            .timeout(self.read_timeout.min(Duration::from_secs(10)))
+            .send()
+            .await
+        {
             Ok(resp) => PROBE_OK.contains(&resp.status().as_u16()),
             Err(_) => false,
         }
@@ -244,9 +252,15 @@ mod tests {
         );
         assert_eq!(c(400, &[]), Outcome::DeadLetter { reason: "http_400".into() });
         assert_eq!(c(400, &[("retry-after", "3")]), Outcome::DeadLetter { reason: "http_400".into() });
-        assert_eq!(c(429, &[("retry-after", "2")]), Outcome::Schedule { delay: Some(Duration::from_secs(2)), reason: "http_429".into() });
+        assert_eq!(
+            c(429, &[("retry-after", "2")]),
+            Outcome::Schedule { delay: Some(Duration::from_secs(2)), reason: "http_429".into() }
+        );
         assert_eq!(c(429, &[]), Outcome::Schedule { delay: None, reason: "http_429".into() });
-        assert_eq!(c(503, &[("retry-after", "1")]), Outcome::Schedule { delay: Some(Duration::from_secs(1)), reason: "http_503".into() });
+        assert_eq!(
+            c(503, &[("retry-after", "1")]),
+            Outcome::Schedule { delay: Some(Duration::from_secs(1)), reason: "http_503".into() }
+        );
         assert_eq!(c(503, &[]), Outcome::HostDown { reason: "http_503".into() });
         assert_eq!(c(502, &[]), Outcome::HostDown { reason: "http_502".into() });
         assert_eq!(c(504, &[]), Outcome::HostDown { reason: "http_504".into() });

@@ -57,8 +57,7 @@ pub struct Malformed(pub String);
 
 pub fn parse(entry: &RawEntry, key_field: &str) -> Result<Event, Malformed> {
     let meta_raw = entry.field("meta").ok_or_else(|| Malformed("meta field missing".into()))?;
-    let meta: Value =
-        serde_json::from_slice(meta_raw).map_err(|e| Malformed(format!("meta is not JSON: {e}")))?;
+    let meta: Value = serde_json::from_slice(meta_raw).map_err(|e| Malformed(format!("meta is not JSON: {e}")))?;
     let Value::Object(meta) = meta else {
         return Err(Malformed("meta is not a JSON object".into()));
     };
@@ -118,24 +117,17 @@ pub fn parse_timestamp(s: &str) -> Option<f64> {
         version = 2,
         "[year]-[month]-[day]T[hour]:[minute]:[second][optional [.[subsecond]]]"
     );
-    PrimitiveDateTime::parse(&normalized, &fmt)
-        .ok()
-        .map(|t| t.assume_utc().unix_timestamp_nanos() as f64 / 1e9)
+    PrimitiveDateTime::parse(&normalized, &fmt).ok().map(|t| t.assume_utc().unix_timestamp_nanos() as f64 / 1e9)
 }
 
 /// Seconds since the unix epoch, now.
 pub fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// `createdAt` value for now, in the form producers use.
 pub fn iso_now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// Milliseconds part of a stream entry id ("1700000000000-0").

@@ -89,7 +89,8 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
 
     let scheduler = tokio::spawn(scheduler::run(w.clone()));
     let stats = tokio::spawn(stats::run(w.clone()));
-    let consumers: Vec<_> = cfg.streams.iter().map(|name| tokio::spawn(consumer::run_stream(w.clone(), name.clone()))).collect();
+    let consumers: Vec<_> =
+        cfg.streams.iter().map(|name| tokio::spawn(consumer::run_stream(w.clone(), name.clone()))).collect();
     for c in consumers {
         let _ = c.await;
     }

@@ -38,36 +38,62 @@ impl Metrics {
         let r = Registry::new();
         let lat = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
         let age = vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0];
-        let counter = |name: &str, help: &str, labels: &[&str]| reg(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"));
-        let gauge = |name: &str, help: &str, labels: &[&str]| reg(&r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            reg(&r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
         Self {
             processed: counter("events_processed_total", "Events delivered (2xx)", &["stream", "type"]),
             failed: counter("events_failed_total", "Failed delivery attempts", &["stream", "type", "reason"]),
             event_age: reg(
                 &r,
-                HistogramVec::new(HistogramOpts::new("event_age_seconds", "createdAt to delivery").buckets(age), &["stream", "type"])
-                    .expect("valid metric"),
+                HistogramVec::new(
+                    HistogramOpts::new("event_age_seconds", "createdAt to delivery").buckets(age),
+                    &["stream", "type"],
+                )
+                .expect("valid metric"),
             ),
             processing_duration: reg(
                 &r,
                 HistogramVec::new(
-                    HistogramOpts::new("event_processing_duration_seconds", "Duration of one delivery attempt").buckets(lat),
+                    HistogramOpts::new("event_processing_duration_seconds", "Duration of one delivery attempt")
+                        .buckets(lat),
                     &["type"],
                 )
                 .expect("valid metric"),
             ),
-            dead_lettered: counter("events_dead_lettered_total", "Events handed to the dead-letter sink", &["stream", "reason"]),
-            dlq_sink_errors: counter("dlq_sink_errors_total", "Dead-letter sink failures (the event is held and retried)", &["sink"]),
-            retries_scheduled: counter("events_retry_scheduled_total", "Events scheduled for a later retry", &["stream"]),
-            scheduled_retries: reg(&r, IntGauge::new("scheduled_retries", "Entries waiting in events:retry:delays").expect("valid metric")),
+            dead_lettered: counter(
+                "events_dead_lettered_total",
+                "Events handed to the dead-letter sink",
+                &["stream", "reason"],
+            ),
+            dlq_sink_errors: counter(
+                "dlq_sink_errors_total",
+                "Dead-letter sink failures (the event is held and retried)",
+                &["sink"],
+            ),
+            retries_scheduled: counter(
+                "events_retry_scheduled_total",
+                "Events scheduled for a later retry",
+                &["stream"],
+            ),
+            scheduled_retries: reg(
+                &r,
+                IntGauge::new("scheduled_retries", "Entries waiting in events:retry:delays").expect("valid metric"),
+            ),
             in_flight: gauge("events_in_flight", "Events read and not yet finished", &["stream"]),
             stream_length: gauge("stream_length", "XLEN of the stream", &["stream"]),
             stream_pending: gauge("stream_pending", "Entries delivered to the group and not acknowledged", &["stream"]),
             stream_lag: gauge("stream_lag", "Entries not yet delivered to the group", &["stream"]),
             oldest_pending_age: reg(
                 &r,
-                GaugeVec::new(Opts::new("stream_oldest_pending_age_seconds", "Age of the oldest pending entry"), &["stream"])
-                    .expect("valid metric"),
+                GaugeVec::new(
+                    Opts::new("stream_oldest_pending_age_seconds", "Age of the oldest pending entry"),
+                    &["stream"],
+                )
+                .expect("valid metric"),
             ),
             host_circuit_open: gauge("host_circuit_open", "1 while deliveries to a target host are paused", &["host"]),
             redis_errors: counter("redis_errors_total", "Redis command failures", &["op"]),

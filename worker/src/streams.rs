@@ -129,15 +129,8 @@ pub async fn touch(con: &mut ConnectionManager, key: &str, group: &str, consumer
     if ids.is_empty() {
         return Ok(());
     }
-    let _: Value = redis::cmd("XCLAIM")
-        .arg(key)
-        .arg(group)
-        .arg(consumer)
-        .arg(0)
-        .arg(ids)
-        .arg("JUSTID")
-        .query_async(con)
-        .await?;
+    let _: Value =
+        redis::cmd("XCLAIM").arg(key).arg(group).arg(consumer).arg(0).arg(ids).arg("JUSTID").query_async(con).await?;
     Ok(())
 }
 
@@ -267,7 +260,13 @@ impl Scripts {
     }
 
     /// Returns how many entries were moved.
-    pub async fn move_due(&self, con: &mut ConnectionManager, now_unix: f64, limit: usize, fallback: &str) -> Result<usize> {
+    pub async fn move_due(
+        &self,
+        con: &mut ConnectionManager,
+        now_unix: f64,
+        limit: usize,
+        fallback: &str,
+    ) -> Result<usize> {
         let n: i64 = self
             .move_due
             .key(RETRY_STREAM)
@@ -393,7 +392,9 @@ fn parse_entries(v: Value) -> Vec<RawEntry> {
                 }
                 Value::Map(m) => Some(
                     m.into_iter()
-                        .map(|(k, v)| (as_string(&k).unwrap_or_default(), Bytes::from(as_string(&v).unwrap_or_default())))
+                        .map(|(k, v)| {
+                            (as_string(&k).unwrap_or_default(), Bytes::from(as_string(&v).unwrap_or_default()))
+                        })
                         .collect(),
                 ),
                 _ => None,

@@ -17,8 +17,18 @@ async fn delivers_with_the_original_headers_and_acks() {
     let w = Worker::start(&redis, &sink.url("/events/[EVENT_TYPE]"), &[("STREAMS", "fast,slow")]);
     w.wait_ready().await;
     let mut con = redis.con().await;
-    produce(&mut con, "events:fast", &[(json!({"id": 17, "type": "user.created", "createdAt": iso_now()}), b"\x00binary body\xff".to_vec())]).await;
-    produce(&mut con, "events:slow", &[(json!({"type": "x", "queue": "billing", "url": sink.url("/custom")}), b"p2".to_vec())]).await;
+    produce(
+        &mut con,
+        "events:fast",
+        &[(json!({"id": 17, "type": "user.created", "createdAt": iso_now()}), b"\x00binary body\xff".to_vec())],
+    )
+    .await;
+    produce(
+        &mut con,
+        "events:slow",
+        &[(json!({"type": "x", "queue": "billing", "url": sink.url("/custom")}), b"p2".to_vec())],
+    )
+    .await;
     wait_until("both delivered", T, || async { sink.posts("/").len() == 2 }).await;
 
     let first = sink.posts("/events/user.created").pop().expect("default URI with [EVENT_TYPE]");
@@ -39,7 +49,9 @@ async fn delivers_with_the_original_headers_and_acks() {
     // Acknowledged and deleted, as the original did.
     wait_until("acked and deleted", T, || async {
         let mut c = redis.con().await;
-        xlen(&mut c, "events:fast").await == 0 && pending(&mut c, "events:fast", "workers").await == 0 && xlen(&mut c, "events:slow").await == 0
+        xlen(&mut c, "events:fast").await == 0
+            && pending(&mut c, "events:fast", "workers").await == 0
+            && xlen(&mut c, "events:slow").await == 0
     })
     .await;
     assert_eq!(w.metric("events_processed_total{stream=\"events:fast\",type=\"user.created\"}").await, 1.0);
@@ -49,7 +61,11 @@ async fn delivers_with_the_original_headers_and_acks() {
 async fn signs_requests_when_a_secret_is_set() {
     let redis = RedisServer::start();
     let sink = Sink::start().await;
-    let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]);
+    let w = Worker::start(
+        &redis,
+        &sink.url("/e"),
+        &[("STREAMS", "fast"), ("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")],
+    );
     w.wait_ready().await;
     let mut con = redis.con().await;
     produce(&mut con, "events:fast", &[(meta("msg_1", "t"), b"{\"a\":1}".to_vec())]).await;
@@ -106,11 +122,39 @@ async fn console_dead_letters_and_malformed_entries() {
     w.wait_ready().await;
     let mut con = redis.con().await;
     // No meta at all, meta not JSON, meta not an object, and one well-formed event.
-    let _: String = redis::cmd("XADD").arg("events:fast").arg("*").arg("payload").arg("orphan").query_async(&mut con).await.unwrap();
-    let _: String = redis::cmd("XADD").arg("events:fast").arg("*").arg("meta").arg("{oops").arg("payload").arg("p2").query_async(&mut con).await.unwrap();
-    let bad3: String = redis::cmd("XADD").arg("events:fast").arg("*").arg("meta").arg("[1]").arg("other").arg("x").query_async(&mut con).await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("events:fast")
+        .arg("*")
+        .arg("payload")
+        .arg("orphan")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("events:fast")
+        .arg("*")
+        .arg("meta")
+        .arg("{oops")
+        .arg("payload")
+        .arg("p2")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let bad3: String = redis::cmd("XADD")
+        .arg("events:fast")
+        .arg("*")
+        .arg("meta")
+        .arg("[1]")
+        .arg("other")
+        .arg("x")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     produce(&mut con, "events:fast", &[(meta("ok1", "t"), b"body".to_vec())]).await;
-    wait_until("four DLQ lines on stdout", T, || async { w.stdout().lines().filter(|l| l.starts_with("DLQ:")).count() == 4 }).await;
+    wait_until("four DLQ lines on stdout", T, || async {
+        w.stdout().lines().filter(|l| l.starts_with("DLQ:")).count() == 4
+    })
+    .await;
     let lines: Vec<serde_json::Value> =
         w.stdout().lines().filter_map(|l| l.strip_prefix("DLQ:")).map(|j| serde_json::from_str(j).unwrap()).collect();
     let malformed: Vec<_> = lines.iter().filter(|l| l["reason"] == "malformed_entry").collect();
@@ -118,7 +162,10 @@ async fn console_dead_letters_and_malformed_entries() {
     assert!(malformed.iter().any(|l| l["payload"] == "orphan"));
     assert!(malformed.iter().any(|l| l["payload"] == "p2"));
     let third = malformed.iter().find(|l| l["id"] == bad3.as_str()).expect("entry id used when meta is unreadable");
-    assert_eq!(serde_json::from_str::<serde_json::Value>(third["payload"].as_str().unwrap()).unwrap(), json!({"meta": "[1]", "other": "x"}));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(third["payload"].as_str().unwrap()).unwrap(),
+        json!({"meta": "[1]", "other": "x"})
+    );
     assert!(lines.iter().any(|l| *l == json!({"id": "ok1", "type": "t", "reason": "http_422", "payload": "body"})));
     wait_until("nothing left pending", T, || async {
         let mut c = redis.con().await;
@@ -141,7 +188,12 @@ async fn scheduled_retry_fires_after_its_delay_not_before() {
     let w = Worker::start(&redis, &sink.url("/e/[EVENT_TYPE]"), &[("STREAMS", "default")]);
     w.wait_ready().await;
     let mut con = redis.con().await;
-    produce(&mut con, "events:default", &[(meta("1", "a"), b"A".to_vec()), (meta("2", "b"), b"B".to_vec()), (meta("3", "c"), b"C".to_vec())]).await;
+    produce(
+        &mut con,
+        "events:default",
+        &[(meta("1", "a"), b"A".to_vec()), (meta("2", "b"), b"B".to_vec()), (meta("3", "c"), b"C".to_vec())],
+    )
+    .await;
 
     // While waiting, the event lives in events:retry with its due time in events:retry:delays.
     wait_until("three retries scheduled", T, || async {
@@ -149,10 +201,17 @@ async fn scheduled_retry_fires_after_its_delay_not_before() {
         sink.posts("/e/").len() >= 3 && xlen(&mut c, "events:retry").await >= 1
     })
     .await;
-    let scheduled: Vec<(String, f64)> =
-        redis::cmd("ZRANGE").arg("events:retry:delays").arg(0).arg(-1).arg("WITHSCORES").query_async(&mut con).await.unwrap();
+    let scheduled: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg("events:retry:delays")
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert!(!scheduled.is_empty());
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE").arg("events:retry").arg("-").arg("+").query_async(&mut con).await.unwrap();
+    let entries: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg("events:retry").arg("-").arg("+").query_async(&mut con).await.unwrap();
     let a = entries
         .ids
         .iter()
@@ -185,7 +244,11 @@ async fn max_attempts_dead_letters_with_the_last_reason() {
     let sink = Sink::start().await;
     // Always asks for a retry; the counter must end it.
     sink.respond(|r, _| if r.path == "/dlq" { Reply::ok() } else { Reply::status(400).header("x-retry-after", "0") });
-    let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("DLQ_URI", &sink.url("/dlq")), ("MAX_ATTEMPTS", "3")]);
+    let w = Worker::start(
+        &redis,
+        &sink.url("/e"),
+        &[("STREAMS", "fast"), ("DLQ_URI", &sink.url("/dlq")), ("MAX_ATTEMPTS", "3")],
+    );
     w.wait_ready().await;
     let mut con = redis.con().await;
     produce(&mut con, "events:fast", &[(meta("m1", "t"), b"x".to_vec())]).await;
@@ -219,7 +282,8 @@ async fn a_down_host_pauses_only_itself_and_resumes_after_a_probe() {
     let w = Worker::start(&redis, &up.url("/e"), &[("STREAMS", "fast"), ("ORDERING", "none")]);
     w.wait_ready().await;
     let mut con = redis.con().await;
-    let to_down: Vec<_> = (0..5).map(|i| (json!({"id": format!("d{i}"), "type": "t", "url": down.url("/in")}), b"d".to_vec())).collect();
+    let to_down: Vec<_> =
+        (0..5).map(|i| (json!({"id": format!("d{i}"), "type": "t", "url": down.url("/in")}), b"d".to_vec())).collect();
     produce(&mut con, "events:fast", &to_down).await;
     wait_until("down host probed", T, || async { down.count(axum::http::Method::OPTIONS, "/") >= 2 }).await;
     let posts_while_down = down.posts("/in").len();
@@ -289,7 +353,8 @@ async fn same_key_in_order_other_keys_concurrently() {
     let sink = Sink::start().await;
     // Random service times make overtaking likely if ordering were not enforced.
     sink.respond(|r, _| {
-        let n: u64 = r.header("x-event-id").and_then(|id| id.rsplit('-').next()).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let n: u64 =
+            r.header("x-event-id").and_then(|id| id.rsplit('-').next()).and_then(|s| s.parse().ok()).unwrap_or(0);
         Reply::ok().after(Duration::from_millis((n * 7919) % 15))
     });
     let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("MAX_IN_FLIGHT", "64")]);

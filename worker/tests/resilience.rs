@@ -40,7 +40,8 @@ async fn kill_9_during_a_20000_event_load_loses_nothing() {
         w.kill9();
         w = Worker::start(&redis, &sink.url("/e"), &env);
     }
-    wait_until("every id delivered", Duration::from_secs(120), || async { id_counts(&sink.posts("/e")).len() == n }).await;
+    wait_until("every id delivered", Duration::from_secs(120), || async { id_counts(&sink.posts("/e")).len() == n })
+        .await;
     let dups = check_all_delivered(&sink, "k", n);
     println!("kill -9 x2 during {n} events: 0 lost, {dups} delivered twice (at-least-once)");
     wait_until("all acknowledged", T, || async {
@@ -90,19 +91,23 @@ async fn a_deleted_group_or_stream_is_recreated() {
     produce(&mut con, "events:fast", &events("a", 10)).await;
     wait_until("first batch", T, || async { sink.posts("/e").len() == 10 }).await;
 
-    let _: i64 = redis::cmd("XGROUP").arg("DESTROY").arg("events:fast").arg("workers").query_async(&mut con).await.unwrap();
+    let _: i64 =
+        redis::cmd("XGROUP").arg("DESTROY").arg("events:fast").arg("workers").query_async(&mut con).await.unwrap();
     produce(&mut con, "events:fast", &events("b", 10)).await;
-    wait_until("delivered after the group was destroyed", T, || async { id_counts(&sink.posts("/e")).len() == 20 }).await;
+    wait_until("delivered after the group was destroyed", T, || async { id_counts(&sink.posts("/e")).len() == 20 })
+        .await;
 
     let _: i64 = redis::cmd("DEL").arg("events:fast").query_async(&mut con).await.unwrap();
     wait_until("group recreated with the stream", T, || async {
         let mut c = redis.con().await;
-        let groups: redis::RedisResult<redis::Value> = redis::cmd("XINFO").arg("GROUPS").arg("events:fast").query_async(&mut c).await;
+        let groups: redis::RedisResult<redis::Value> =
+            redis::cmd("XINFO").arg("GROUPS").arg("events:fast").query_async(&mut c).await;
         groups.is_ok()
     })
     .await;
     produce(&mut con, "events:fast", &events("c", 10)).await;
-    wait_until("delivered after the stream was deleted", T, || async { id_counts(&sink.posts("/e")).len() == 30 }).await;
+    wait_until("delivered after the stream was deleted", T, || async { id_counts(&sink.posts("/e")).len() == 30 })
+        .await;
     check_all_delivered(&sink, "c", 10);
     assert_eq!(w.get("/readyz").await.0, 200);
 }
@@ -112,7 +117,8 @@ async fn sigterm_drains_in_flight_and_leaves_the_rest_pending() {
     let redis = RedisServer::start();
     let sink = Sink::start().await;
     sink.respond(|_, _| Reply::ok().after(Duration::from_millis(1500)));
-    let mut w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("MAX_IN_FLIGHT", "4"), ("ORDERING", "none")]);
+    let mut w =
+        Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("MAX_IN_FLIGHT", "4"), ("ORDERING", "none")]);
     w.wait_ready().await;
     let mut con = redis.con().await;
     produce(&mut con, "events:fast", &events("s", 20)).await;
@@ -136,7 +142,11 @@ async fn grace_period_expiry_leaves_in_flight_events_pending() {
     let redis = RedisServer::start();
     let sink = Sink::start().await;
     sink.respond(|_, seen| if seen < 2 { Reply::ok().after(Duration::from_secs(30)) } else { Reply::ok() });
-    let mut w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("SHUTDOWN_GRACE", "1"), ("ORDERING", "none"), ("MAX_IN_FLIGHT", "2")]);
+    let mut w = Worker::start(
+        &redis,
+        &sink.url("/e"),
+        &[("STREAMS", "fast"), ("SHUTDOWN_GRACE", "1"), ("ORDERING", "none"), ("MAX_IN_FLIGHT", "2")],
+    );
     w.wait_ready().await;
     let mut con = redis.con().await;
     produce(&mut con, "events:fast", &events("g", 2)).await;
@@ -156,13 +166,29 @@ async fn a_dead_consumers_entries_are_taken_over() {
     let redis = RedisServer::start();
     let sink = Sink::start().await;
     let mut con = redis.con().await;
-    let _: () = redis::cmd("XGROUP").arg("CREATE").arg("events:fast").arg("workers").arg("0").arg("MKSTREAM").query_async(&mut con).await.unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("events:fast")
+        .arg("workers")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     produce(&mut con, "events:fast", &events("d", 5)).await;
     // A consumer on another pod reads them and dies.
     let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP").arg("workers").arg("worker-fast-dead-pod").arg("COUNT").arg(5)
-        .arg("STREAMS").arg("events:fast").arg(">")
-        .query_async(&mut con).await.unwrap();
+        .arg("GROUP")
+        .arg("workers")
+        .arg("worker-fast-dead-pod")
+        .arg("COUNT")
+        .arg(5)
+        .arg("STREAMS")
+        .arg("events:fast")
+        .arg(">")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert_eq!(pending(&mut con, "events:fast", "workers").await, 5);
     let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("CLAIM_IDLE", "1")]);
     wait_until("taken over and delivered", T, || async { id_counts(&sink.posts("/e")).len() == 5 }).await;
@@ -193,9 +219,27 @@ async fn bad_configuration_stops_start_up_naming_the_setting() {
     }
     let help = std::process::Command::new(worker_bin()).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    for var in ["REDIS_HOST", "REDIS_PORT", "REDIS_HOST_PORT", "REDIS_PASSWORD", "REDIS_URL", "GROUP", "CONSUMER_PREFIX", "STREAMS",
-        "DEFAULT_WORKER_URI", "METRICS_PORT", "CONNECT_TIMEOUT", "READ_TIMEOUT", "DLQ_URI", "DLQ_DB_CONNECTION", "DLQ_DB_TABLE",
-        "EVENT_DB_TABLE", "MAX_ATTEMPTS", "ORDERING", "CLAIM_IDLE"] {
+    for var in [
+        "REDIS_HOST",
+        "REDIS_PORT",
+        "REDIS_HOST_PORT",
+        "REDIS_PASSWORD",
+        "REDIS_URL",
+        "GROUP",
+        "CONSUMER_PREFIX",
+        "STREAMS",
+        "DEFAULT_WORKER_URI",
+        "METRICS_PORT",
+        "CONNECT_TIMEOUT",
+        "READ_TIMEOUT",
+        "DLQ_URI",
+        "DLQ_DB_CONNECTION",
+        "DLQ_DB_TABLE",
+        "EVENT_DB_TABLE",
+        "MAX_ATTEMPTS",
+        "ORDERING",
+        "CLAIM_IDLE",
+    ] {
         assert!(help.contains(&format!("[env: {var}")), "--help lacks {var}");
     }
 }

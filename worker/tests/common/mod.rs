@@ -61,7 +61,11 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let aof = if self.durable { ["--appendonly", "yes", "--appendfsync", "always"] } else { ["--appendonly", "no", "--appendfsync", "no"] };
+        let aof = if self.durable {
+            ["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            ["--appendonly", "no", "--appendfsync", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(aof)
@@ -131,6 +135,8 @@ pub struct Received {
     pub body: Bytes,
     /// Unix seconds.
     pub at: f64,
+    /// The status the sink answered.
+    pub status: u16,
 }
 
 impl Received {
@@ -220,6 +226,15 @@ impl Sink {
         self.received().into_iter().filter(|r| r.method == Method::POST && r.path.starts_with(path_prefix)).collect()
     }
 
+    /// Unique X-Event-Id values of POSTs under `path_prefix` that were answered 2xx.
+    pub fn delivered_ids(&self, path_prefix: &str) -> std::collections::HashSet<String> {
+        let log = self.state.log.lock().unwrap();
+        log.iter()
+            .filter(|r| r.method == Method::POST && r.path.starts_with(path_prefix) && (200..300).contains(&r.status))
+            .filter_map(|r| r.header("x-event-id").map(str::to_string))
+            .collect()
+    }
+
     pub fn count(&self, method: Method, path_prefix: &str) -> usize {
         self.state.log.lock().unwrap().iter().filter(|r| r.method == method && r.path.starts_with(path_prefix)).count()
     }
@@ -232,15 +247,16 @@ async fn handle(State(s): State<SinkState>, method: Method, uri: Uri, headers: H
         headers: headers.iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect(),
         body: if s.record_bodies { body } else { Bytes::new() },
         at: unix_now(),
+        status: 0,
     };
     let behaviour = s.behaviour.lock().unwrap().clone();
-    let seen = {
+    let reply = {
         let mut log = s.log.lock().unwrap();
         let seen = log.iter().filter(|r| r.method == req.method && r.path == req.path).count();
-        log.push(req.clone());
-        seen
+        let reply = behaviour(&req, seen);
+        log.push(Received { status: reply.status, ..req });
+        reply
     };
-    let reply = behaviour(&req, seen);
     if let Some(d) = reply.delay {
         tokio::time::sleep(d).await;
     }
@@ -258,13 +274,31 @@ pub struct Worker {
     stdout_path: PathBuf,
 }
 
+/// The worker binary: Cargo's for tests and benchmarks; for examples, `EVENTWORKER_BIN`
+/// or the `eventworker` built next to the example.
 pub fn worker_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_eventworker"))
+    if let Some(p) = option_env!("CARGO_BIN_EXE_eventworker") {
+        return PathBuf::from(p);
+    }
+    if let Ok(p) = std::env::var("EVENTWORKER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent().and_then(|d| d.parent()).map(|d| d.join("eventworker")).expect("target directory")
 }
 
 impl Worker {
     /// Start with the given environment on top of defaults for this test.
     pub fn start(redis: &RedisServer, sink_uri: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn(redis, sink_uri, env, Stdio::inherit())
+    }
+
+    /// Like [`Worker::start`], with the log (stderr) written to `log`.
+    pub fn start_logging(redis: &RedisServer, sink_uri: &str, env: &[(&str, &str)], log: &std::path::Path) -> Self {
+        Self::spawn(redis, sink_uri, env, Stdio::from(std::fs::File::create(log).expect("log file")))
+    }
+
+    fn spawn(redis: &RedisServer, sink_uri: &str, env: &[(&str, &str)], stderr: Stdio) -> Self {
         let metrics_port = free_port();
         let stdout_path = std::env::temp_dir().join(format!("ew-worker-{metrics_port}.out"));
         let stdout = std::fs::File::create(&stdout_path).unwrap();
@@ -279,7 +313,7 @@ impl Worker {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.stdout(stdout).stderr(Stdio::inherit()).spawn().expect("start eventworker");
+        let child = cmd.stdout(stdout).stderr(stderr).spawn().expect("start eventworker");
         Self { child, metrics_port, stdout_path }
     }
 
@@ -320,7 +354,10 @@ impl Worker {
     }
 
     pub async fn wait_ready(&self) {
-        wait_until("worker /readyz answers 200", Duration::from_secs(20), || async { self.get("/readyz").await.0 == 200 }).await;
+        wait_until("worker /readyz answers 200", Duration::from_secs(20), || async {
+            self.get("/readyz").await.0 == 200
+        })
+        .await;
     }
 
     /// Value of one sample of `/metrics`, 0 when absent. `series` is the full name with labels.
@@ -345,7 +382,14 @@ pub async fn produce(con: &mut MultiplexedConnection, stream_key: &str, events: 
     for chunk in events.chunks(1000) {
         let mut p = redis::pipe();
         for (meta, payload) in chunk {
-            p.cmd("XADD").arg(stream_key).arg("*").arg("meta").arg(meta.to_string()).arg("payload").arg(payload.as_slice()).ignore();
+            p.cmd("XADD")
+                .arg(stream_key)
+                .arg("*")
+                .arg("meta")
+                .arg(meta.to_string())
+                .arg("payload")
+                .arg(payload.as_slice())
+                .ignore();
         }
         let _: () = p.query_async(con).await.expect("XADD");
     }
