@@ -27,6 +27,8 @@ use crate::streams::{self, counter_key, ScheduleReq, Scripts};
 const BLOCK: Duration = Duration::from_secs(1);
 /// Most entries read per round trip.
 const READ_BATCH: usize = 256;
+/// Longest wait for more free slots before a read, when nearly all are taken.
+const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Most entries acknowledged per round trip.
 const ACK_BATCH: usize = 512;
 
@@ -259,19 +261,31 @@ impl StreamConsumer {
     }
 
     /// At least one permit (waiting for one), plus whatever else is free, up to a batch.
+    /// Under load permits free up one at a time; waiting a moment for a quarter of them
+    /// turns many one-entry reads into a few batched ones.
     async fn acquire_permits(&self) -> Option<Vec<OwnedSemaphorePermit>> {
         let first = tokio::select! {
             p = self.sem.clone().acquire_owned() => p.ok()?,
             _ = self.stop().cancelled() => return None,
         };
         let mut permits = vec![first];
-        while permits.len() < READ_BATCH {
-            match self.sem.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        let enough = (self.w.cfg.max_in_flight / 4).clamp(1, READ_BATCH);
+        let deadline = tokio::time::Instant::now() + BATCH_WAIT;
+        loop {
+            while permits.len() < READ_BATCH {
+                match self.sem.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            if permits.len() >= enough {
+                return Some(permits);
+            }
+            tokio::select! {
+                p = self.sem.clone().acquire_owned() => permits.push(p.ok()?),
+                _ = tokio::time::sleep_until(deadline) => return Some(permits),
             }
         }
-        Some(permits)
     }
 
     /// Keep entries we are still working on from looking idle to other consumers.
