@@ -5,14 +5,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use redis::aio::ConnectionManager;
 use serde_json::json;
 
+use crate::dlq::redrive::{replay, FilterQuery};
+use crate::dlq::SqlSink;
 use crate::metrics::Metrics;
 
 /// What readiness is made of, updated by the tasks that find out.
@@ -66,6 +68,12 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub redis: Option<ConnectionManager>,
+    /// The SQL dead-letter store, when that is the configured sink.
+    pub dlq: Option<Arc<SqlSink>>,
+    /// `ADMIN_TOKEN`: required by the dead-letter endpoints; None disables them.
+    pub token: Option<String>,
+    /// Where replayed rows without a recorded stream go.
+    pub default_stream: String,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -74,7 +82,74 @@ pub fn router(state: AdminState) -> Router {
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/dlq", get(dlq_list))
+        .route("/dlq/replay", post(dlq_replay))
+        // The original worker's endpoint and parameters.
+        .route("/reprocess-dlq", get(dlq_replay))
         .with_state(state)
+}
+
+type ApiError = (StatusCode, Json<serde_json::Value>);
+
+fn api_error(code: StatusCode, msg: impl Into<String>) -> ApiError {
+    (code, Json(json!({"error": msg.into()})))
+}
+
+/// The dead-letter store, if the caller presented the admin token.
+fn authorize(s: &AdminState, headers: &HeaderMap, query_token: Option<&str>) -> Result<Arc<SqlSink>, ApiError> {
+    let Some(expected) = s.token.as_deref() else {
+        return Err(api_error(StatusCode::FORBIDDEN, "dead-letter endpoints are disabled: set ADMIN_TOKEN"));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()))
+        .or(query_token);
+    match presented {
+        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => {}
+        Some(_) => return Err(api_error(StatusCode::UNAUTHORIZED, "wrong admin token")),
+        None => return Err(api_error(StatusCode::UNAUTHORIZED, "admin token required (Authorization: Bearer <ADMIN_TOKEN>)")),
+    }
+    s.dlq.clone().ok_or_else(|| api_error(StatusCode::CONFLICT, "the dead-letter sink is not SQL (DLQ_DB_CONNECTION is unset)"))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+async fn dlq_list(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Query(t): Query<TokenQuery>,
+    Query(q): Query<FilterQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sink = authorize(&s, &headers, t.token.as_deref())?;
+    let filter = q.filter().map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let rows = sink.list().await.map_err(|e| api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let rows = filter.apply(rows);
+    Ok(Json(json!({"count": rows.len(), "rows": rows})))
+}
+
+async fn dlq_replay(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Query(t): Query<TokenQuery>,
+    Query(q): Query<FilterQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sink = authorize(&s, &headers, t.token.as_deref())?;
+    let filter = q.filter().map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let redis = s.redis.clone().ok_or_else(|| api_error(StatusCode::SERVICE_UNAVAILABLE, "no redis connection"))?;
+    let report = replay(&sink, &redis, &filter, &q.options(), &s.default_stream, |_| {})
+        .await
+        .map_err(|e| api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    tracing::info!(replayed = report.replayed.len(), matched = report.matched, dry_run = report.dry_run, "dead letters replayed over the admin API");
+    Ok(Json(serde_json::to_value(report).unwrap_or_default()))
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
@@ -107,6 +182,9 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new(&["fast".to_string()])),
             redis: None,
+            dlq: None,
+            token: Some("s3cret".into()),
+            default_stream: "events:default".into(),
         }
     }
 
@@ -126,6 +204,21 @@ mod tests {
         let (code, body) = get(router(s), "/metrics").await;
         assert_eq!(code, StatusCode::OK);
         assert!(body.contains("events_processed_total"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn dead_letter_endpoints_need_the_token() {
+        let s = state();
+        let (code, body) = get(router(s.clone()), "/dlq").await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(get(router(s.clone()), "/reprocess-dlq?token=wrong").await.0, StatusCode::UNAUTHORIZED);
+        // Right token, but no SQL store behind it.
+        assert_eq!(get(router(s.clone()), "/reprocess-dlq?token=s3cret").await.0, StatusCode::CONFLICT);
+        let disabled = AdminState { token: None, ..s };
+        let (code, body) = get(router(disabled), "/dlq").await;
+        assert_eq!(code, StatusCode::FORBIDDEN);
+        assert!(body.contains("ADMIN_TOKEN"), "{body}");
+        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc"));
     }
 
     #[tokio::test]

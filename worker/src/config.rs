@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::error::{Error, Result};
 
@@ -119,9 +119,52 @@ pub struct Args {
     #[arg(long, env = "WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
+    /// Token for the admin server's dead-letter endpoints (Authorization: Bearer <token>);
+    /// when unset those endpoints are disabled.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Inspect and replay the SQL dead-letter store (DLQ_DB_CONNECTION).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqAction {
+    /// List the dead letters that match the filters.
+    List {
+        #[command(flatten)]
+        filter: crate::dlq::redrive::Filter,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move the matching dead letters back into a stream, each row once.
+    Replay {
+        #[command(flatten)]
+        filter: crate::dlq::redrive::Filter,
+        /// Show what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Target stream (name or events:<name>); default: the stream each event came from.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Most rows replayed per second.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
 }
 
 /// Validated configuration.
@@ -150,6 +193,7 @@ pub struct Config {
     pub retry_backoff: Duration,
     pub log_format: LogFormat,
     pub worker_threads: Option<usize>,
+    pub admin_token: Option<String>,
 }
 
 /// Where dead letters go; the first configured wins: SQL, then HTTP, then console.
@@ -167,8 +211,11 @@ pub fn stream_key(name: &str) -> String {
 }
 
 impl Config {
-    pub fn from_env() -> Result<Self> {
-        Self::from_args(Args::parse())
+    /// Parse the command line and environment: the configuration and the subcommand, if any.
+    pub fn from_env() -> Result<(Self, Option<Command>)> {
+        let args = Args::parse();
+        let command = args.command.clone();
+        Ok((Self::from_args(args)?, command))
     }
 
     pub fn from_args(a: Args) -> Result<Self> {
@@ -244,6 +291,7 @@ impl Config {
             shutdown_grace: seconds("SHUTDOWN_GRACE", a.shutdown_grace)?,
             retry_backoff: seconds("RETRY_BACKOFF", a.retry_backoff)?,
             log_format: a.log_format,
+            admin_token: a.admin_token.filter(|t| !t.is_empty()),
             worker_threads: match a.worker_threads {
                 Some(0) => return Err(bad("WORKER_THREADS", "must be at least 1")),
                 n => n,

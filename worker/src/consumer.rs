@@ -495,6 +495,7 @@ impl StreamConsumer {
             payload: payload_text(&ev.payload),
             stream: self.key.clone(),
             attempts,
+            meta: Some(Value::Object(ev.meta.clone()).to_string()),
         };
         if self.send_to_sink(&record).await {
             self.ack(&ev.entry_id, Some(counter_key(&self.key, ev.dlq_id()))).await;
@@ -523,6 +524,7 @@ impl StreamConsumer {
             payload,
             stream: self.key.clone(),
             attempts: 0,
+            meta: None,
         };
         if self.send_to_sink(&record).await {
             self.ack(&entry.id, None).await;

@@ -10,6 +10,8 @@ pub enum Error {
     DeadLetter { sink: &'static str, msg: String },
     #[error("admin server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
 }

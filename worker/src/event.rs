@@ -117,7 +117,11 @@ pub fn parse_timestamp(s: &str) -> Option<f64> {
         version = 2,
         "[year]-[month]-[day]T[hour]:[minute]:[second][optional [.[subsecond]]]"
     );
-    PrimitiveDateTime::parse(&normalized, &fmt).ok().map(|t| t.assume_utc().unix_timestamp_nanos() as f64 / 1e9)
+    if let Ok(t) = PrimitiveDateTime::parse(&normalized, &fmt) {
+        return Some(t.assume_utc().unix_timestamp_nanos() as f64 / 1e9);
+    }
+    let date = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(s, &date).ok().map(|d| d.midnight().assume_utc().unix_timestamp() as f64)
 }
 
 /// Seconds since the unix epoch, now.
@@ -193,6 +197,7 @@ mod tests {
         assert_eq!(parse_timestamp("2024-01-01T00:00:00Z"), Some(1704067200.0));
         assert_eq!(parse_timestamp("2024-01-01T01:00:00+01:00"), Some(1704067200.0));
         assert_eq!(parse_timestamp("2024-01-01 00:00:00.5"), Some(1704067200.5));
+        assert_eq!(parse_timestamp("2024-01-02"), Some(1704153600.0));
         assert_eq!(parse_timestamp("yesterday"), None);
         assert_eq!(entry_millis("1700000000000-3"), Some(1700000000000));
     }

@@ -37,6 +37,15 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let deliverer = Deliverer::new(&cfg)?;
     let sink = Sink::from_config(&cfg.dlq, deliverer.client().clone())?;
+    if let Sink::Sql(sql) = &sink {
+        // Fail start-up on a bad table; a database that is down only delays readiness.
+        match tokio::time::timeout(Duration::from_secs(10), sql.prepare()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e @ Error::Config { .. })) => return Err(e),
+            Ok(Err(e)) => tracing::warn!(error = %e, "dead-letter database not usable yet; events will be held until it is"),
+            Err(_) => tracing::warn!("dead-letter database did not answer within 10 s; events will be held until it does"),
+        }
+    }
     let redis = streams::connect_lazy(&cfg.redis_url, Duration::from_secs(5))?;
     let health = Arc::new(Health::new(&cfg.streams));
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", cfg.metrics_port)).await.map_err(|e| Error::Config {
@@ -65,7 +74,17 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
     });
 
     let admin_stop = tokio_util::sync::CancellationToken::new();
-    let app = admin::router(AdminState { metrics, health, redis: Some(redis) });
+    let app = admin::router(AdminState {
+        metrics,
+        health,
+        redis: Some(redis),
+        dlq: match &w.sink {
+            Sink::Sql(s) => Some(s.clone()),
+            _ => None,
+        },
+        token: cfg.admin_token.clone(),
+        default_stream: dlq::cli::default_stream(&cfg),
+    });
     let admin = tokio::spawn({
         let stop = admin_stop.clone();
         async move { axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await }

@@ -1,4 +1,4 @@
-use eventworker::config::Config;
+use eventworker::config::{Command, Config};
 
 // glibc malloc contends between runtime threads at this request rate; mimalloc does not.
 #[global_allocator]
@@ -7,7 +7,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use eventworker::shutdown::Shutdown;
 
 fn main() -> std::process::ExitCode {
-    let cfg = match Config::from_env() {
+    let (cfg, command) = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("eventworker: {e}");
@@ -20,7 +20,18 @@ fn main() -> std::process::ExitCode {
         rt.worker_threads(n);
     }
     match rt.enable_all().build() {
-        Ok(rt) => rt.block_on(run(cfg)),
+        Ok(rt) => rt.block_on(async move {
+            match command {
+                Some(Command::Dlq { action }) => match eventworker::dlq::cli::run(&cfg, action).await {
+                    Ok(()) => std::process::ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("eventworker: {e}");
+                        std::process::ExitCode::from(1)
+                    }
+                },
+                None => run(cfg).await,
+            }
+        }),
         Err(e) => {
             eprintln!("eventworker: cannot start the runtime: {e}");
             std::process::ExitCode::from(1)

@@ -1,17 +1,21 @@
 //! Dead-letter sinks. The first configured wins: SQL (next), HTTP, console. A sink either
 //! accepts a record durably (`Ok`) or fails; the caller holds the event and retries.
 
+pub mod cli;
 mod console;
 mod http;
+pub mod redrive;
+pub mod sql;
 
 use base64::Engine;
 use serde::Serialize;
 
 pub use console::ConsoleSink;
 pub use http::HttpSink;
+pub use sql::SqlSink;
 
 use crate::config::DlqConfig;
-use crate::{Error, Result};
+use crate::Result;
 
 /// What the sinks receive: the original's four fields plus context for stores that keep it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -25,6 +29,9 @@ pub struct DeadLetter {
     pub stream: String,
     #[serde(skip)]
     pub attempts: u32,
+    /// The event's original `meta` JSON, kept by the SQL store so a replay restores it.
+    #[serde(skip)]
+    pub meta: Option<String>,
 }
 
 /// Payload bytes as text: UTF-8 as is; anything else base64 with a `base64:` prefix, so
@@ -39,6 +46,7 @@ pub fn payload_text(payload: &[u8]) -> String {
 pub enum Sink {
     Console(ConsoleSink),
     Http(HttpSink),
+    Sql(std::sync::Arc<SqlSink>),
 }
 
 impl Sink {
@@ -46,10 +54,9 @@ impl Sink {
         match cfg {
             DlqConfig::Console => Ok(Sink::Console(ConsoleSink)),
             DlqConfig::Http { uri } => Ok(Sink::Http(HttpSink::new(uri.clone(), client))),
-            DlqConfig::Sql { .. } => Err(Error::Config {
-                var: "DLQ_DB_CONNECTION",
-                msg: "the SQL dead-letter sink is not available in this build".into(),
-            }),
+            DlqConfig::Sql { url, table, event_table } => {
+                Ok(Sink::Sql(std::sync::Arc::new(SqlSink::new(url, table, event_table.as_deref())?)))
+            }
         }
     }
 
@@ -57,6 +64,7 @@ impl Sink {
         match self {
             Sink::Console(_) => "console",
             Sink::Http(_) => "http",
+            Sink::Sql(_) => "sql",
         }
     }
 
@@ -64,6 +72,7 @@ impl Sink {
         match self {
             Sink::Console(s) => s.send(record),
             Sink::Http(s) => s.send(record).await,
+            Sink::Sql(s) => s.send(record).await,
         }
     }
 }
@@ -81,6 +90,7 @@ mod tests {
             payload: "{}".into(),
             stream: "events:fast".into(),
             attempts: 1,
+            meta: Some("{}".into()),
         };
         assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"id":"7","type":"t","reason":"http_404","payload":"{}"}"#);
     }

@@ -1,0 +1,319 @@
+//! Redrive: choose dead letters with a filter and move them back into a stream, each row
+//! once (the row is deleted in the same transaction that saw the XADD succeed).
+
+use std::time::Duration;
+
+use base64::Engine;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::sql::{id_order, DlqRow, FullRow, SqlSink};
+use crate::config::STREAM_PREFIX;
+use crate::event::{iso_now, parse_timestamp, ATTEMPTS_FIELD};
+use crate::{Error, Result};
+
+/// Which dead letters. Empty fields match everything.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Filter {
+    /// Only these ids (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub ids: Vec<String>,
+    /// Never these ids (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub neq: Vec<String>,
+    /// Ids greater than this (numeric when both are integers).
+    #[arg(long)]
+    pub gt: Option<String>,
+    /// Ids greater than or equal to this.
+    #[arg(long)]
+    pub gte: Option<String>,
+    /// Ids less than this.
+    #[arg(long)]
+    pub lt: Option<String>,
+    /// Ids less than or equal to this.
+    #[arg(long)]
+    pub lte: Option<String>,
+    /// Only these event types (comma-separated).
+    #[arg(long = "type", value_delimiter = ',')]
+    pub types: Vec<String>,
+    /// Only these reasons, e.g. http_500,malformed_entry (comma-separated).
+    #[arg(long = "reason", value_delimiter = ',')]
+    pub reasons: Vec<String>,
+    /// Only rows dead-lettered at or after this ISO-8601 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only rows dead-lettered before this ISO-8601 time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// Query parameters of the admin endpoints, including the original `/reprocess-dlq` ones
+/// (`gt, lt, gte, lte, eq, neq, in, dry_run`). Lists are comma-separated.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct FilterQuery {
+    pub ids: Option<String>,
+    #[serde(rename = "in")]
+    pub in_: Option<String>,
+    pub eq: Option<String>,
+    pub neq: Option<String>,
+    pub gt: Option<String>,
+    pub gte: Option<String>,
+    pub lt: Option<String>,
+    pub lte: Option<String>,
+    #[serde(rename = "type")]
+    pub types: Option<String>,
+    #[serde(rename = "reason")]
+    pub reasons: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub limit: Option<usize>,
+    pub dry_run: Option<String>,
+    pub stream: Option<String>,
+    pub rate: Option<f64>,
+}
+
+fn split(s: &Option<String>) -> Vec<String> {
+    s.iter().flat_map(|v| v.split(',')).map(str::trim).filter(|v| !v.is_empty()).map(str::to_string).collect()
+}
+
+impl FilterQuery {
+    pub fn filter(&self) -> Result<Filter> {
+        let mut ids = split(&self.ids);
+        ids.extend(split(&self.in_));
+        ids.extend(split(&self.eq));
+        let f = Filter {
+            ids,
+            neq: split(&self.neq),
+            gt: self.gt.clone(),
+            gte: self.gte.clone(),
+            lt: self.lt.clone(),
+            lte: self.lte.clone(),
+            types: split(&self.types),
+            reasons: split(&self.reasons),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            limit: self.limit,
+        };
+        f.validate()?;
+        Ok(f)
+    }
+
+    pub fn options(&self) -> ReplayOptions {
+        let dry_run = matches!(self.dry_run.as_deref().map(str::to_ascii_lowercase).as_deref(), Some("1" | "true" | "yes" | ""));
+        ReplayOptions { dry_run, stream: self.stream.clone(), rate: self.rate }
+    }
+}
+
+impl Filter {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [("since", &self.since), ("until", &self.until)] {
+            if let Some(v) = v {
+                if parse_timestamp(v).is_none() {
+                    return Err(Error::Invalid(format!("{name}: {v:?} is not an ISO-8601 time")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, r: &DlqRow) -> bool {
+        use std::cmp::Ordering::*;
+        let cmp = |bound: &Option<String>, ok: &[std::cmp::Ordering]| {
+            bound.as_ref().is_none_or(|b| ok.contains(&id_order(&r.id, b)))
+        };
+        let at = r.last_failed_at.as_deref().and_then(parse_timestamp);
+        let time_ok = |bound: &Option<String>, after: bool| match (bound.as_deref().and_then(parse_timestamp), at) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(b), Some(t)) => (after && t >= b) || (!after && t < b),
+        };
+        (self.ids.is_empty() || self.ids.contains(&r.id))
+            && !self.neq.contains(&r.id)
+            && cmp(&self.gt, &[Greater])
+            && cmp(&self.gte, &[Greater, Equal])
+            && cmp(&self.lt, &[Less])
+            && cmp(&self.lte, &[Less, Equal])
+            && (self.types.is_empty() || self.types.contains(&r.event_type))
+            && (self.reasons.is_empty() || self.reasons.contains(&r.reason))
+            && time_ok(&self.since, true)
+            && time_ok(&self.until, false)
+    }
+
+    pub fn apply(&self, rows: Vec<DlqRow>) -> Vec<DlqRow> {
+        let mut out: Vec<DlqRow> = rows.into_iter().filter(|r| self.matches(r)).collect();
+        if let Some(n) = self.limit {
+            out.truncate(n);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ReplayOptions {
+    pub dry_run: bool,
+    /// Target stream (name or key); default: the stream the event came from.
+    pub stream: Option<String>,
+    /// Most rows per second.
+    pub rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Moved {
+    pub id: String,
+    pub stream: String,
+    /// New stream entry id (None in a dry run).
+    pub entry: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ReplayReport {
+    pub dry_run: bool,
+    pub matched: usize,
+    pub replayed: Vec<Moved>,
+    /// Rows another replay took first.
+    pub skipped: Vec<String>,
+}
+
+fn stream_key(name: &str) -> String {
+    if name.starts_with(STREAM_PREFIX) {
+        name.to_string()
+    } else {
+        format!("{STREAM_PREFIX}{name}")
+    }
+}
+
+/// The stream entry a stored dead letter becomes again: its original meta (without the
+/// retry bookkeeping) or one rebuilt from id and type, and the payload as bytes.
+pub fn entry_for(full: &FullRow) -> (String, Vec<u8>) {
+    let mut meta = full
+        .meta
+        .as_deref()
+        .and_then(|m| serde_json::from_str::<Value>(m).ok())
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default();
+    meta.remove(ATTEMPTS_FIELD);
+    meta.remove("nextAttemptAt");
+    meta.entry("id").or_insert_with(|| Value::String(full.row.id.clone()));
+    meta.entry("type").or_insert_with(|| Value::String(full.row.event_type.clone()));
+    meta.insert("replayedAt".into(), Value::String(iso_now()));
+    let payload = match full.payload.strip_prefix("base64:") {
+        Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_else(|_| full.payload.clone().into_bytes()),
+        None => full.payload.clone().into_bytes(),
+    };
+    (Value::Object(meta).to_string(), payload)
+}
+
+pub async fn replay(
+    sink: &SqlSink,
+    redis: &ConnectionManager,
+    filter: &Filter,
+    opts: &ReplayOptions,
+    default_stream: &str,
+    mut progress: impl FnMut(&Moved),
+) -> Result<ReplayReport> {
+    filter.validate()?;
+    let rows = filter.apply(sink.list().await?);
+    let mut report = ReplayReport { dry_run: opts.dry_run, matched: rows.len(), ..Default::default() };
+    let pause = opts.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut next = tokio::time::Instant::now();
+    for row in rows {
+        let target = stream_key(opts.stream.as_deref().or(row.stream.as_deref()).unwrap_or(default_stream));
+        if opts.dry_run {
+            let m = Moved { id: row.id.clone(), stream: target, entry: None };
+            progress(&m);
+            report.replayed.push(m);
+            continue;
+        }
+        if let Some(p) = pause {
+            tokio::time::sleep_until(next).await;
+            next += p;
+        }
+        let mut con = redis.clone();
+        let origin = row.stream.clone();
+        let target_ref = &target;
+        let taken = sink
+            .take(&row.id, |full| async move {
+                let (meta, payload) = entry_for(&full);
+                let mut p = redis::pipe();
+                p.atomic().cmd("XADD").arg(target_ref).arg("*").arg("meta").arg(&meta).arg("payload").arg(payload);
+                // A replayed event starts with fresh attempts.
+                p.cmd("DEL").arg(crate::streams::counter_key(target_ref, &full.row.id)).ignore();
+                if let Some(o) = &origin {
+                    p.cmd("DEL").arg(crate::streams::counter_key(o, &full.row.id)).ignore();
+                }
+                let (entry,): (String,) = p.query_async(&mut con).await?;
+                Ok(FullRow { meta: Some(entry), ..full })
+            })
+            .await?;
+        match taken {
+            Some(full) => {
+                let m = Moved { id: row.id.clone(), stream: target.clone(), entry: full.meta };
+                progress(&m);
+                report.replayed.push(m);
+            }
+            None => report.skipped.push(row.id.clone()),
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, t: &str, reason: &str, at: &str) -> DlqRow {
+        DlqRow {
+            id: id.into(),
+            event_type: t.into(),
+            reason: reason.into(),
+            stream: Some("events:fast".into()),
+            attempts: Some(1),
+            last_failed_at: Some(at.into()),
+        }
+    }
+
+    #[test]
+    fn filters_like_the_original_reprocess_endpoint() {
+        let rows = vec![
+            row("1", "a", "http_500", "2024-01-01T00:00:00Z"),
+            row("2", "b", "http_404", "2024-01-02T00:00:00Z"),
+            row("10", "a", "http_500", "2024-01-03T00:00:00Z"),
+        ];
+        let ids = |q: FilterQuery| q.filter().unwrap().apply(rows.clone()).into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(FilterQuery { gt: Some("1".into()), ..Default::default() }), ["2", "10"]);
+        assert_eq!(ids(FilterQuery { gte: Some("2".into()), lt: Some("10".into()), ..Default::default() }), ["2"]);
+        assert_eq!(ids(FilterQuery { lte: Some("2".into()), ..Default::default() }), ["1", "2"]);
+        assert_eq!(ids(FilterQuery { eq: Some("10".into()), ..Default::default() }), ["10"]);
+        assert_eq!(ids(FilterQuery { in_: Some("1,10".into()), neq: Some("1".into()), ..Default::default() }), ["10"]);
+        assert_eq!(ids(FilterQuery { types: Some("a".into()), ..Default::default() }), ["1", "10"]);
+        assert_eq!(ids(FilterQuery { reasons: Some("http_404".into()), ..Default::default() }), ["2"]);
+        assert_eq!(ids(FilterQuery { since: Some("2024-01-02T00:00:00Z".into()), ..Default::default() }), ["2", "10"]);
+        assert_eq!(ids(FilterQuery { until: Some("2024-01-02".into()), ..Default::default() }), ["1"]);
+        assert!(FilterQuery { until: Some("yesterday".into()), ..Default::default() }.filter().is_err());
+        assert_eq!(ids(FilterQuery { limit: Some(1), ..Default::default() }), ["1"]);
+        assert!(FilterQuery { dry_run: Some("true".into()), ..Default::default() }.options().dry_run);
+        assert!(!FilterQuery::default().options().dry_run);
+    }
+
+    #[test]
+    fn replayed_entries_restore_meta_and_bytes() {
+        let full = FullRow {
+            row: row("7", "t", "http_500", "2024-01-01T00:00:00Z"),
+            payload: "base64:/wA=".into(),
+            meta: Some(r#"{"id":"7","type":"t","url":"http://x/y","attempts":3,"nextAttemptAt":"z"}"#.into()),
+        };
+        let (meta, payload) = entry_for(&full);
+        let m: Value = serde_json::from_str(&meta).unwrap();
+        assert_eq!(m["url"], "http://x/y");
+        assert!(m.get("attempts").is_none() && m.get("nextAttemptAt").is_none() && m["replayedAt"].is_string());
+        assert_eq!(payload, vec![0xff, 0x00]);
+        let legacy = FullRow { meta: None, payload: "{}".into(), ..full };
+        let (meta, _) = entry_for(&legacy);
+        let m: Value = serde_json::from_str(&meta).unwrap();
+        assert_eq!((m["id"].as_str(), m["type"].as_str()), (Some("7"), Some("t")));
+    }
+}
