@@ -41,8 +41,12 @@ impl Health {
         self.groups.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), ok);
     }
 
-    pub fn set_dlq_error(&self, err: Option<String>) {
-        *self.dlq_error.lock().unwrap_or_else(|p| p.into_inner()) = err;
+    /// Record the dead-letter sink's state; true when it just started failing.
+    pub fn set_dlq_error(&self, err: Option<String>) -> bool {
+        let mut cur = self.dlq_error.lock().unwrap_or_else(|p| p.into_inner());
+        let started = cur.is_none() && err.is_some();
+        *cur = err;
+        started
     }
 
     /// Reasons the worker is not ready; empty when it is.
@@ -109,9 +113,16 @@ fn authorize(s: &AdminState, headers: &HeaderMap, query_token: Option<&str>) -> 
     match presented {
         Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => {}
         Some(_) => return Err(api_error(StatusCode::UNAUTHORIZED, "wrong admin token")),
-        None => return Err(api_error(StatusCode::UNAUTHORIZED, "admin token required (Authorization: Bearer <ADMIN_TOKEN>)")),
+        None => {
+            return Err(api_error(
+                StatusCode::UNAUTHORIZED,
+                "admin token required (Authorization: Bearer <ADMIN_TOKEN>)",
+            ))
+        }
     }
-    s.dlq.clone().ok_or_else(|| api_error(StatusCode::CONFLICT, "the dead-letter sink is not SQL (DLQ_DB_CONNECTION is unset)"))
+    s.dlq
+        .clone()
+        .ok_or_else(|| api_error(StatusCode::CONFLICT, "the dead-letter sink is not SQL (DLQ_DB_CONNECTION is unset)"))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -148,7 +159,12 @@ async fn dlq_replay(
     let report = replay(&sink, &redis, &filter, &q.options(), &s.default_stream, |_| {})
         .await
         .map_err(|e| api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    tracing::info!(replayed = report.replayed.len(), matched = report.matched, dry_run = report.dry_run, "dead letters replayed over the admin API");
+    tracing::info!(
+        replayed = report.replayed.len(),
+        matched = report.matched,
+        dry_run = report.dry_run,
+        "dead letters replayed over the admin API"
+    );
     Ok(Json(serde_json::to_value(report).unwrap_or_default()))
 }
 
@@ -218,7 +234,9 @@ mod tests {
         let (code, body) = get(router(disabled), "/dlq").await;
         assert_eq!(code, StatusCode::FORBIDDEN);
         assert!(body.contains("ADMIN_TOKEN"), "{body}");
-        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc"));
+        assert!(
+            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc")
+        );
     }
 
     #[tokio::test]

@@ -546,9 +546,11 @@ impl StreamConsumer {
                 }
                 Err(e) => {
                     w.metrics.dlq_sink_errors.with_label_values(&[w.sink.name()]).inc();
-                    w.health.set_dlq_error(Some(e.to_string()));
-                    if n == 1 || n % 10 == 0 {
-                        tracing::warn!(error = %e, id = %record.id, attempt = n, "dead-letter sink refused the event; holding it");
+                    // One warning when the sink starts failing, not one per held event.
+                    if w.health.set_dlq_error(Some(e.to_string())) {
+                        tracing::warn!(error = %e, sink = w.sink.name(), "dead-letter sink failing; holding dead letters until it accepts");
+                    } else {
+                        tracing::debug!(error = %e, id = %record.id, attempt = n, "dead-letter sink refused the event; holding it");
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff(Duration::from_millis(200), n, Duration::from_secs(30))) => {}

@@ -42,8 +42,12 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
         match tokio::time::timeout(Duration::from_secs(10), sql.prepare()).await {
             Ok(Ok(_)) => {}
             Ok(Err(e @ Error::Config { .. })) => return Err(e),
-            Ok(Err(e)) => tracing::warn!(error = %e, "dead-letter database not usable yet; events will be held until it is"),
-            Err(_) => tracing::warn!("dead-letter database did not answer within 10 s; events will be held until it does"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "dead-letter database not usable yet; events will be held until it is")
+            }
+            Err(_) => {
+                tracing::warn!("dead-letter database did not answer within 10 s; events will be held until it does")
+            }
         }
     }
     let redis = streams::connect_lazy(&cfg.redis_url, Duration::from_secs(5))?;

@@ -25,7 +25,10 @@ pub async fn run(cfg: &Config, action: DlqAction) -> Result<()> {
                     println!("{}", serde_json::to_string(r).unwrap_or_default());
                 }
             } else {
-                println!("{:<24} {:<24} {:<18} {:<18} {:>8}  LAST FAILED", "ID", "TYPE", "REASON", "STREAM", "ATTEMPTS");
+                println!(
+                    "{:<24} {:<24} {:<18} {:<18} {:>8}  LAST FAILED",
+                    "ID", "TYPE", "REASON", "STREAM", "ATTEMPTS"
+                );
                 for r in &rows {
                     println!(
                         "{:<24} {:<24} {:<18} {:<18} {:>8}  {}",
@@ -51,14 +54,23 @@ pub async fn run(cfg: &Config, action: DlqAction) -> Result<()> {
             let verb = if dry_run { "would replay" } else { "replayed" };
             let default_stream = default_stream(cfg);
             let report = replay(&sink, &redis, &filter, &opts, &default_stream, |m| {
-                println!("{verb} {} -> {}{}", m.id, m.stream, m.entry.as_deref().map(|e| format!(" ({e})")).unwrap_or_default());
+                println!(
+                    "{verb} {} -> {}{}",
+                    m.id,
+                    m.stream,
+                    m.entry.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                );
             })
             .await?;
             eprintln!(
                 "{verb} {} of {} matching dead letter(s){}{}",
                 report.replayed.len(),
                 report.matched,
-                if report.skipped.is_empty() { String::new() } else { format!("; {} taken by another replay", report.skipped.len()) },
+                if report.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} taken by another replay", report.skipped.len())
+                },
                 if dry_run { "; dry run: nothing changed" } else { "" }
             );
         }

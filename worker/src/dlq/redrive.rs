@@ -103,7 +103,8 @@ impl FilterQuery {
     }
 
     pub fn options(&self) -> ReplayOptions {
-        let dry_run = matches!(self.dry_run.as_deref().map(str::to_ascii_lowercase).as_deref(), Some("1" | "true" | "yes" | ""));
+        let dry_run =
+            matches!(self.dry_run.as_deref().map(str::to_ascii_lowercase).as_deref(), Some("1" | "true" | "yes" | ""));
         ReplayOptions { dry_run, stream: self.stream.clone(), rate: self.rate }
     }
 }
@@ -201,7 +202,9 @@ pub fn entry_for(full: &FullRow) -> (String, Vec<u8>) {
     meta.entry("type").or_insert_with(|| Value::String(full.row.event_type.clone()));
     meta.insert("replayedAt".into(), Value::String(iso_now()));
     let payload = match full.payload.strip_prefix("base64:") {
-        Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_else(|_| full.payload.clone().into_bytes()),
+        Some(b64) => {
+            base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_else(|_| full.payload.clone().into_bytes())
+        }
         None => full.payload.clone().into_bytes(),
     };
     (Value::Object(meta).to_string(), payload)
@@ -283,7 +286,8 @@ mod tests {
             row("2", "b", "http_404", "2024-01-02T00:00:00Z"),
             row("10", "a", "http_500", "2024-01-03T00:00:00Z"),
         ];
-        let ids = |q: FilterQuery| q.filter().unwrap().apply(rows.clone()).into_iter().map(|r| r.id).collect::<Vec<_>>();
+        let ids =
+            |q: FilterQuery| q.filter().unwrap().apply(rows.clone()).into_iter().map(|r| r.id).collect::<Vec<_>>();
         assert_eq!(ids(FilterQuery { gt: Some("1".into()), ..Default::default() }), ["2", "10"]);
         assert_eq!(ids(FilterQuery { gte: Some("2".into()), lt: Some("10".into()), ..Default::default() }), ["2"]);
         assert_eq!(ids(FilterQuery { lte: Some("2".into()), ..Default::default() }), ["1", "2"]);

@@ -207,8 +207,8 @@ impl SqlSink {
         let Some(row) = row else { return Ok(None) };
         let full = FullRow {
             row: to_row(&row, extended)?,
-            payload: row.try_get::<String, _>("payload").map_err(Self::err)?,
-            meta: if extended { row.try_get::<Option<String>, _>("meta").map_err(Self::err)? } else { None },
+            payload: text(&row, "payload")?.unwrap_or_default(),
+            meta: if extended { text(&row, "meta")? } else { None },
         };
         let deleted = sqlx::query(&format!("DELETE FROM {} WHERE id = {}", self.table, self.param(1)))
             .bind(id)
@@ -258,15 +258,32 @@ fn upsert_sql(dialect: Dialect, t: &str, extended: bool) -> String {
     }
 }
 
+/// A text column. MySQL's TEXT columns reach the Any driver as blobs, so bytes are
+/// accepted too.
+fn text(r: &AnyRow, col: &str) -> Result<Option<String>> {
+    match r.try_get::<Option<String>, _>(col) {
+        Ok(v) => Ok(v),
+        Err(_) => r
+            .try_get::<Option<Vec<u8>>, _>(col)
+            .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .map_err(SqlSink::err),
+    }
+}
+
+fn int(r: &AnyRow, col: &str) -> Result<Option<i64>> {
+    r.try_get::<Option<i64>, _>(col)
+        .or_else(|_| r.try_get::<Option<i32>, _>(col).map(|v| v.map(i64::from)))
+        .map_err(SqlSink::err)
+}
+
 fn to_row(r: &AnyRow, extended: bool) -> Result<DlqRow> {
-    let e = SqlSink::err;
     Ok(DlqRow {
-        id: r.try_get("id").map_err(e)?,
-        event_type: r.try_get("type").map_err(e)?,
-        reason: r.try_get("reason").map_err(e)?,
-        stream: if extended { r.try_get("stream").map_err(e)? } else { None },
-        attempts: if extended { r.try_get::<Option<i64>, _>("attempts").or_else(|_| r.try_get::<Option<i32>, _>("attempts").map(|v| v.map(i64::from))).map_err(e)? } else { None },
-        last_failed_at: if extended { r.try_get("last_failed_at").map_err(e)? } else { None },
+        id: text(r, "id")?.unwrap_or_default(),
+        event_type: text(r, "type")?.unwrap_or_default(),
+        reason: text(r, "reason")?.unwrap_or_default(),
+        stream: if extended { text(r, "stream")? } else { None },
+        attempts: if extended { int(r, "attempts")? } else { None },
+        last_failed_at: if extended { text(r, "last_failed_at")? } else { None },
     })
 }
 

@@ -2,6 +2,8 @@
 //! HTTP sink that records what it receives, the worker binary as a child process.
 #![allow(dead_code)]
 
+pub mod db;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
