@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use redis::aio::ConnectionManager;
 use serde_json::json;
 
-use crate::dlq::redrive::{replay, FilterQuery};
+use crate::dlq::redrive::{replay, Filter, FilterQuery};
 use crate::dlq::SqlSink;
 use crate::metrics::Metrics;
 
@@ -134,14 +134,25 @@ struct TokenQuery {
     token: Option<String>,
 }
 
+/// The store and the filter of an authorized dead-letter request.
+fn dlq_request(
+    s: &AdminState,
+    headers: &HeaderMap,
+    t: &TokenQuery,
+    q: &FilterQuery,
+) -> Result<(Arc<SqlSink>, Filter), ApiError> {
+    let sink = authorize(s, headers, t.token.as_deref())?;
+    let filter = q.filter().map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok((sink, filter))
+}
+
 async fn dlq_list(
     State(s): State<AdminState>,
     headers: HeaderMap,
     Query(t): Query<TokenQuery>,
     Query(q): Query<FilterQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let sink = authorize(&s, &headers, t.token.as_deref())?;
-    let filter = q.filter().map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let (sink, filter) = dlq_request(&s, &headers, &t, &q)?;
     let rows = sink.list().await.map_err(|e| api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let rows = filter.apply(rows);
     Ok(Json(json!({"count": rows.len(), "rows": rows})))
@@ -153,8 +164,7 @@ async fn dlq_replay(
     Query(t): Query<TokenQuery>,
     Query(q): Query<FilterQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let sink = authorize(&s, &headers, t.token.as_deref())?;
-    let filter = q.filter().map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let (sink, filter) = dlq_request(&s, &headers, &t, &q)?;
     let redis = s.redis.clone().ok_or_else(|| api_error(StatusCode::SERVICE_UNAVAILABLE, "no redis connection"))?;
     let report = replay(&sink, &redis, &filter, &q.options(), &s.default_stream, |_| {})
         .await

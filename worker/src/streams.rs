@@ -14,29 +14,25 @@ use crate::Result;
 pub const RETRY_STREAM: &str = "events:retry";
 pub const RETRY_DELAYS: &str = "events:retry:delays";
 
-/// Connect with automatic reconnection. `response_timeout` must exceed any BLOCK used on it.
-pub async fn connect(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
-    let client = Client::open(url)?;
-    let cfg = ConnectionManagerConfig::new()
+/// Reconnects with backoff; `response_timeout` must exceed any BLOCK used on the connection.
+fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(response_timeout))
         .set_min_delay(Duration::from_millis(100))
         .set_max_delay(Duration::from_secs(2))
-        .set_number_of_retries(2);
-    Ok(ConnectionManager::new_with_config(client, cfg).await?)
+        .set_number_of_retries(2)
+}
+
+/// Connect now, with automatic reconnection afterwards.
+pub async fn connect(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
+    Ok(ConnectionManager::new_with_config(Client::open(url)?, manager_config(response_timeout)).await?)
 }
 
 /// Like [`connect`], but returns at once and connects in the background (the worker must
 /// start, and report not-ready, while Redis is down).
 pub fn connect_lazy(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
-    let client = Client::open(url)?;
-    let cfg = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(response_timeout))
-        .set_min_delay(Duration::from_millis(100))
-        .set_max_delay(Duration::from_secs(2))
-        .set_number_of_retries(2);
-    Ok(ConnectionManager::new_lazy_with_config(client, cfg)?)
+    Ok(ConnectionManager::new_lazy_with_config(Client::open(url)?, manager_config(response_timeout))?)
 }
 
 pub fn is_nogroup(e: &RedisError) -> bool {

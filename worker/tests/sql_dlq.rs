@@ -129,11 +129,12 @@ async fn mariadb_outage() {
     database_outage_loses_nothing(Database::mariadb()).await;
 }
 
-fn dlq_cmd(redis: &RedisServer, db: &Database, args: &[&str]) -> (bool, String, String) {
+/// `eventworker dlq <args>` with the environment a user would give it.
+fn dlq_cmd(redis_url: &str, db_url: &str, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(worker_bin())
         .env_clear()
-        .env("REDIS_URL", redis.url())
-        .env("DLQ_DB_CONNECTION", db.sqlalchemy_url())
+        .env("REDIS_URL", redis_url)
+        .env("DLQ_DB_CONNECTION", db_url)
         .env("RUST_LOG", "warn")
         .arg("dlq")
         .args(args)
@@ -164,7 +165,8 @@ async fn replay_moves_a_filtered_set_back_exactly_once() {
     sink.respond(|_, _| Reply::ok());
 
     // Dry run: says what it would do, changes nothing.
-    let (ok, out, err) = dlq_cmd(&redis, &db, &["replay", "--type", "a", "--gt", "2", "--dry-run"]);
+    let (ok, out, err) =
+        dlq_cmd(&redis.url(), &db.sqlalchemy_url(), &["replay", "--type", "a", "--gt", "2", "--dry-run"]);
     assert!(ok, "{err}");
     assert_eq!(out.lines().filter(|l| l.starts_with("would replay")).count(), 4, "{out}");
     assert!(err.contains("would replay 4 of 4"), "{err}");
@@ -173,7 +175,7 @@ async fn replay_moves_a_filtered_set_back_exactly_once() {
     assert_eq!(sink.posts("/e").len(), 10, "a dry run delivers nothing");
 
     // List with the same filter.
-    let (ok, out, _) = dlq_cmd(&redis, &db, &["list", "--type", "a", "--gt", "2", "--json"]);
+    let (ok, out, _) = dlq_cmd(&redis.url(), &db.sqlalchemy_url(), &["list", "--type", "a", "--gt", "2", "--json"]);
     assert!(ok);
     let ids: Vec<String> = out
         .lines()
@@ -186,22 +188,11 @@ async fn replay_moves_a_filtered_set_back_exactly_once() {
     let handles: Vec<_> = (0..2)
         .map(|_| {
             let (r, d) = (r.clone(), d.clone());
-            std::thread::spawn(move || {
-                std::process::Command::new(worker_bin())
-                    .env_clear()
-                    .env("REDIS_URL", r)
-                    .env("DLQ_DB_CONNECTION", d)
-                    .args(["dlq", "replay", "--type", "a", "--gt", "2"])
-                    .output()
-                    .unwrap()
-            })
+            std::thread::spawn(move || dlq_cmd(&r, &d, &["replay", "--type", "a", "--gt", "2"]))
         })
         .collect();
     let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let replayed: usize = outs
-        .iter()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("replayed")).count())
-        .sum();
+    let replayed: usize = outs.iter().map(|o| o.1.lines().filter(|l| l.starts_with("replayed")).count()).sum();
     assert_eq!(replayed, 4, "{outs:?}");
     wait_until("replayed events delivered", T, || async { sink.delivered_ids("/e").len() == 4 }).await;
     let again: Vec<_> = sink.posts("/e").into_iter().skip(10).collect();
@@ -214,7 +205,7 @@ async fn replay_moves_a_filtered_set_back_exactly_once() {
     let mut left = db.column("SELECT id FROM dlq").await;
     left.sort_by_key(|s| s.parse::<u32>().unwrap());
     assert_eq!(left, ["1", "2", "7", "8", "9", "10"]);
-    let (_, _, err) = dlq_cmd(&redis, &db, &["replay", "--type", "a", "--gt", "2"]);
+    let (_, _, err) = dlq_cmd(&redis.url(), &db.sqlalchemy_url(), &["replay", "--type", "a", "--gt", "2"]);
     assert!(err.contains("replayed 0 of 0"), "{err}");
 }
 
