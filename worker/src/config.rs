@@ -321,6 +321,12 @@ fn redis_url(a: &Args) -> Result<String> {
         if !matches!(parsed.scheme(), "redis" | "rediss") {
             return Err(bad("REDIS_URL", format!("scheme must be redis:// or rediss://, got {}://", parsed.scheme())));
         }
+        // A password kept in a Secret (REDIS_PASSWORD) joins a URL that carries none.
+        if let Some(pw) = a.redis_password.as_deref().filter(|p| !p.is_empty() && parsed.password().is_none()) {
+            let mut with = parsed.clone();
+            with.set_password(Some(&percent_encode(pw))).map_err(|_| bad("REDIS_URL", "cannot carry a password"))?;
+            return Ok(with.to_string());
+        }
         return Ok(url.to_string());
     }
     let (host, port) = match a.redis_host_port.as_deref().filter(|s| !s.is_empty()) {
@@ -428,6 +434,10 @@ mod tests {
         assert_eq!(c.redis_url, "redis://:p%40ss%20word@redis.svc:6380");
         let c = parse(&["--redis-url", "rediss://r:6379/0", "--redis-host", "ignored"]).unwrap();
         assert_eq!(c.redis_url, "rediss://r:6379/0");
+        let c = parse(&["--redis-url", "redis://r:6379", "--redis-password", "s/cret"]).unwrap();
+        assert_eq!(c.redis_url, "redis://:s%2Fcret@r:6379");
+        let c = parse(&["--redis-url", "redis://:own@r:6379", "--redis-password", "other"]).unwrap();
+        assert_eq!(c.redis_url, "redis://:own@r:6379");
     }
 
     #[test]

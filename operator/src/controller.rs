@@ -1,0 +1,297 @@
+//! Context, reconcile, error_policy, run: EventWorker in, children applied with server-side
+//! apply (one field manager), status patched.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use thiserror::Error;
+
+use crate::crd::EventWorker;
+use crate::metrics::Metrics;
+use crate::resources::deployment::{secret_refs, SecretData};
+use crate::resources::{self, service_monitor, MANAGER};
+use crate::status::{self, Observed};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serialization: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec(_) => "invalid_spec",
+            Error::Kube(_) => "kube",
+            Error::Json(_) => "json",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// How long to wait for Redis when reading lag.
+    pub redis_timeout: Duration,
+    /// How often a healthy EventWorker is looked at again (lag, readiness).
+    pub resync: Duration,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
+        );
+        Self { client, recorder, metrics, redis_timeout: Duration::from_secs(3), resync: Duration::from_secs(30) }
+    }
+}
+
+/// Checks the API server's CEL rules cannot express (or that older objects may violate).
+pub fn validate(ew: &EventWorker) -> Result<()> {
+    let s = &ew.spec;
+    if s.streams.is_empty() {
+        return Err(Error::InvalidSpec("spec.streams is empty".into()));
+    }
+    if let Some(a) = &s.autoscaling {
+        if a.min_replicas > a.max_replicas {
+            return Err(Error::InvalidSpec("autoscaling.minReplicas > autoscaling.maxReplicas".into()));
+        }
+    }
+    if s.redis.url.is_some() == s.redis.host.is_some() {
+        return Err(Error::InvalidSpec("set exactly one of spec.redis.url and spec.redis.host".into()));
+    }
+    Ok(())
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+async fn publish(ctx: &Context, ew: &EventWorker, type_: EventType, reason: &str, note: String, action: &str) {
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&ev, &ew.object_ref(&())).await {
+        tracing::debug!(error = %e, "could not publish event");
+    }
+}
+
+/// Values of the Secret keys the spec references; missing ones are listed.
+async fn read_secrets(ctx: &Context, ew: &EventWorker, ns: &str) -> Result<(SecretData, Vec<String>)> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut data = SecretData::new();
+    let mut missing = Vec::new();
+    let names: BTreeSet<&str> = secret_refs(&ew.spec).iter().map(|r| r.name.as_str()).collect();
+    for name in names {
+        if let Some(s) = api.get_opt(name).await? {
+            data.insert(name.to_string(), s.data.unwrap_or_default());
+        }
+    }
+    for r in secret_refs(&ew.spec) {
+        if data.get(&r.name).and_then(|d| d.get(&r.key)).is_none() {
+            missing.push(format!("{}/{}", r.name, r.key));
+        }
+    }
+    Ok((data, missing))
+}
+
+async fn crd_installed(client: &Client, name: &str) -> Result<bool> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    Ok(api.get_opt(name).await?.is_some())
+}
+
+pub async fn reconcile(ew: Arc<EventWorker>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_inner(&ew, &ctx).await;
+    ctx.metrics.observe(started.elapsed(), result.as_ref().err().map(Error::kind));
+    result
+}
+
+async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
+    let ns = ew.namespace().unwrap_or_else(|| "default".into());
+    let name = ew.name_any();
+    if let Err(e) = validate(ew) {
+        publish(ctx, ew, EventType::Warning, "InvalidSpec", e.to_string(), "Validate").await;
+        patch_invalid_status(ctx, ew, &ns, &e.to_string()).await?;
+        return Err(e);
+    }
+    let (secrets, missing) = read_secrets(ctx, ew, &ns).await?;
+    let pp = apply_params();
+
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let desired = resources::deployment::deployment(ew, &secrets);
+    let applied = deployments.patch(&name, &pp, &Patch::Apply(&desired)).await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    services.patch(&name, &pp, &Patch::Apply(&resources::service::service(ew))).await?;
+
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
+    match resources::pdb::pdb(ew) {
+        Some(p) => {
+            pdbs.patch(&name, &pp, &Patch::Apply(&p)).await?;
+        }
+        None => delete_owned(&pdbs, &name, ew).await?,
+    }
+
+    let mut obs = Observed::from_deployment(&applied);
+    obs.missing_secrets = missing;
+    let wants_sm = ew.spec.metrics.service_monitor.enabled;
+    if crd_installed(&ctx.client, service_monitor::CRD_NAME).await? {
+        let sms: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &service_monitor::api_resource());
+        match service_monitor::service_monitor(ew) {
+            Some(sm) => {
+                sms.patch(&name, &pp, &Patch::Apply(&sm)).await?;
+            }
+            None => delete_owned(&sms, &name, ew).await?,
+        }
+    } else if wants_sm {
+        obs.service_monitor_skipped = Some(
+            "metrics.serviceMonitor.enabled but the monitoring.coreos.com ServiceMonitor CRD is not installed".into(),
+        );
+    }
+
+    let url = status::redis_url(ew, &secrets);
+    obs.redis = status::read_lag(&url, &ew.spec.streams, &ew.spec.group, ctx.redis_timeout).await;
+    let was_degraded_by_redis = condition_reason(ew, "Degraded") == Some("RedisUnreachable");
+    match &obs.redis {
+        Err(e) if !was_degraded_by_redis => {
+            publish(ctx, ew, EventType::Warning, "RedisUnreachable", e.clone(), "ReadLag").await;
+        }
+        Ok(_) if was_degraded_by_redis => {
+            publish(ctx, ew, EventType::Normal, "RedisReachable", "Redis answers again".into(), "ReadLag").await;
+        }
+        _ => {}
+    }
+    let new_status = status::build(ew, &obs, resources::selector_string(ew), &now());
+    if ew.status.as_ref().map(|s| s.observed_generation) != Some(ew.metadata.generation) {
+        publish(
+            ctx,
+            ew,
+            EventType::Normal,
+            "Applied",
+            format!(
+                "Deployment, Service{} applied",
+                if ew.spec.disruption_budget.is_some() { ", PodDisruptionBudget" } else { "" }
+            ),
+            "Reconcile",
+        )
+        .await;
+    }
+    patch_status(ctx, ew, &ns, serde_json::to_value(&new_status)?).await?;
+    Ok(Action::requeue(ctx.resync))
+}
+
+fn condition_reason<'a>(ew: &'a EventWorker, type_: &str) -> Option<&'a str> {
+    ew.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_ && c.status == "True").map(|c| c.reason.as_str())
+}
+
+async fn patch_status(ctx: &Context, ew: &EventWorker, ns: &str, status: serde_json::Value) -> Result<()> {
+    let api: Api<EventWorker> = Api::namespaced(ctx.client.clone(), ns);
+    let body = json!({"apiVersion": "eventworker.io/v1alpha1", "kind": "EventWorker", "status": status});
+    api.patch_status(&ew.name_any(), &apply_params(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+async fn patch_invalid_status(ctx: &Context, ew: &EventWorker, ns: &str, why: &str) -> Result<()> {
+    let cond = |t: &str, s: &str, r: &str| json!({"type": t, "status": s, "reason": r, "message": why, "lastTransitionTime": now(), "observedGeneration": ew.metadata.generation});
+    patch_status(
+        ctx,
+        ew,
+        ns,
+        json!({
+            "observedGeneration": ew.metadata.generation,
+            "conditions": [cond("Ready", "False", "InvalidSpec"), cond("Progressing", "False", "InvalidSpec"), cond("Degraded", "True", "InvalidSpec")],
+        }),
+    )
+    .await
+}
+
+/// Delete a child we own, if it exists (a PDB or ServiceMonitor switched off).
+async fn delete_owned<K>(api: &Api<K>, name: &str, ew: &EventWorker) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if let Some(obj) = api.get_opt(name).await? {
+        let ours = obj.meta().owner_references.iter().flatten().any(|o| Some(&o.uid) == ew.metadata.uid.as_ref());
+        if ours {
+            api.delete(name, &DeleteParams::default()).await?;
+        }
+    }
+    Ok(())
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+/// An invalid spec waits for a change (its condition says why); anything else is retried
+/// after a bounded, jittered delay.
+pub fn error_policy(ew: Arc<EventWorker>, err: &Error, ctx: Arc<Context>) -> Action {
+    match err {
+        Error::InvalidSpec(why) => {
+            tracing::warn!(name = %ew.name_any(), %why, "invalid EventWorker; waiting for a change");
+            Action::await_change()
+        }
+        other => {
+            tracing::warn!(name = %ew.name_any(), error = %other, "reconcile failed; retrying");
+            let jitter = rand_millis(2000);
+            Action::requeue(Duration::from_secs(5).min(ctx.resync) + Duration::from_millis(jitter))
+        }
+    }
+}
+
+fn rand_millis(max: u64) -> u64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    u64::from(nanos) % max.max(1)
+}
+
+/// Run the controller until `shutdown` fires.
+pub async fn run(ctx: Arc<Context>, shutdown: tokio_util::sync::CancellationToken) {
+    let client = ctx.client.clone();
+    let ews: Api<EventWorker> = Api::all(client.clone());
+    let controller = Controller::new(ews, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Service>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), watcher::Config::default())
+        .watches(Api::<Secret>::all(client.clone()), watcher::Config::default(), move |secret: Secret| {
+            // A change of a referenced Secret re-renders the config hash (and rolls the pods).
+            let ns = secret.namespace();
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|ew| ew.namespace() == ns && secret_refs(&ew.spec).iter().any(|r| r.name == name))
+                .map(|ew| ObjectRef::from_obj(&*ew))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile error");
+            }
+        })
+        .await;
+}

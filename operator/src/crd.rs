@@ -1,0 +1,446 @@
+//! The `EventWorker` custom resource: what users `kubectl apply`. Doc comments here are what
+//! `kubectl explain eventworker.spec...` shows.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Default worker image; the chart sets the real registry and tag.
+pub const DEFAULT_IMAGE: &str = concat!("eventworker:", env!("CARGO_PKG_VERSION"));
+
+/// An eventworker deployment: Redis streams delivered to an HTTP target, with retries and a
+/// dead-letter sink.
+// Several printcolumn(...) entries share keys, which clippy takes for repeated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "eventworker.io",
+    version = "v1alpha1",
+    kind = "EventWorker",
+    namespaced,
+    shortname = "ew",
+    status = "EventWorkerStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.totalLag"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    doc = "An eventworker deployment: Redis streams delivered to an HTTP target"
+)]
+#[x_kube(
+    validation = Rule::new("!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas")
+        .message("autoscaling.minReplicas must not be greater than autoscaling.maxReplicas"),
+    validation = Rule::new("!has(self.disruptionBudget) || !(has(self.disruptionBudget.minAvailable) && has(self.disruptionBudget.maxUnavailable))")
+        .message("disruptionBudget: set minAvailable or maxUnavailable, not both")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EventWorkerSpec {
+    /// How to reach Redis.
+    pub redis: RedisSpec,
+    /// Stream names to consume; each is read from the key `events:<name>`, highest priority first.
+    #[serde(default = "default_streams")]
+    #[x_kube(validation = Rule::new("self.all(s, s.matches('^[A-Za-z0-9][A-Za-z0-9_.-]*$') && s != 'retry')")
+        .message("stream names are letters, digits, '.', '_' and '-', and 'retry' is reserved"))]
+    #[x_kube(validation = Rule::new("size(self) > 0").message("at least one stream is required"))]
+    pub streams: Vec<String>,
+    /// Consumer group shared by all workers of this EventWorker.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Prefix of consumer names (`<prefix>-<stream>-<pod>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_prefix: Option<String>,
+    /// Where events are delivered.
+    pub target: TargetSpec,
+    /// Retry behaviour.
+    #[serde(default)]
+    pub retry: RetrySpec,
+    /// Where events go that cannot be delivered.
+    #[serde(default)]
+    pub dead_letter: DeadLetterSpec,
+    /// key: events with the same ordering key in order, others concurrently; stream: strict
+    /// order per stream; none: fully concurrent.
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Most events in flight per stream and pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxInFlight must be at least 1"))]
+    pub max_in_flight: Option<i32>,
+
+    /// Worker container image.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Image pull policy (Always, IfNotPresent, Never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// Number of worker pods (ignored while autoscaling is enabled).
+    #[serde(default = "default_replicas")]
+    #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
+    pub replicas: i32,
+    /// CPU and memory of the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels the pods must run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Affinity of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Extra labels on the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_labels: Option<BTreeMap<String, String>>,
+    /// Extra annotations on the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+    /// Service account of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Seconds a pod gets to finish in-flight deliveries when it stops.
+    #[serde(default = "default_grace")]
+    #[x_kube(validation = Rule::new("self >= 5").message("terminationGracePeriodSeconds must be at least 5"))]
+    pub termination_grace_period_seconds: i64,
+    /// Prometheus scraping.
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+    /// PodDisruptionBudget for the worker pods; none when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption_budget: Option<DisruptionBudgetSpec>,
+    /// Scaling on stream lag; fixed `replicas` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// Redis connection. Set `url`, or `host` (and `port`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("has(self.url) != has(self.host)").message("redis: set exactly one of url and host"),
+    validation = Rule::new("!has(self.url) || self.url.startsWith('redis://') || self.url.startsWith('rediss://')")
+        .message("redis.url must start with redis:// or rediss://")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// `redis://host:port/db` or `rediss://` for TLS, without the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Redis host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Redis port.
+    #[serde(default = "default_redis_port")]
+    pub port: i32,
+    /// Connect with TLS (when `host` is used).
+    #[serde(default)]
+    pub tls: bool,
+    /// Secret key holding the Redis password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the EventWorker's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct SecretKeyRef {
+    /// Secret name.
+    pub name: String,
+    /// Key within the Secret.
+    pub key: String,
+}
+
+/// The HTTP endpoint events are POSTed to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetSpec {
+    /// URI for events without `meta.url`; `[EVENT_TYPE]` is replaced by the event type.
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')")
+        .message("target.uri must start with http:// or https://"))]
+    pub uri: String,
+    /// Connect timeout in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_seconds: Option<f64>,
+    /// Response timeout in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_timeout_seconds: Option<f64>,
+    /// Secret key holding a Standard Webhooks signing secret; requests are signed when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Retry behaviour.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Failed attempts before an event is dead-lettered (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("retry.maxAttempts must be at least 1"))]
+    pub max_attempts: Option<i32>,
+    /// Base delay in seconds for a 429 without Retry-After (doubles per attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_seconds: Option<f64>,
+    /// Seconds before another consumer's idle pending entry is taken over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_idle_seconds: Option<f64>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    #[default]
+    Key,
+    Stream,
+    None,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterMode {
+    /// One `DLQ:{json}` line per dead letter in the pod log.
+    #[default]
+    Console,
+    /// POST to `httpUri`.
+    Http,
+    /// Rows in a SQL table (`sql`).
+    Sql,
+}
+
+/// Where undeliverable events go: exactly one mode.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("self.mode == 'http' ? has(self.httpUri) : !has(self.httpUri)")
+        .message("deadLetter.httpUri is required with mode http and only allowed with it"),
+    validation = Rule::new("self.mode == 'sql' ? has(self.sql) : !has(self.sql)")
+        .message("deadLetter.sql is required with mode sql and only allowed with it"),
+    validation = Rule::new("!has(self.httpUri) || self.httpUri.startsWith('http://') || self.httpUri.startsWith('https://')")
+        .message("deadLetter.httpUri must start with http:// or https://")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterSpec {
+    /// console, http or sql.
+    #[serde(default)]
+    pub mode: DeadLetterMode,
+    /// Endpoint dead letters are POSTed to (mode http).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_uri: Option<String>,
+    /// SQL store (mode sql).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<SqlDeadLetterSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SqlDeadLetterSpec {
+    /// Secret key holding the database URL (postgresql://, mysql://, sqlite://).
+    pub connection_secret_ref: SecretKeyRef,
+    /// Dead-letter table (default dlq).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)?$')")
+        .message("deadLetter.sql.table must be a SQL identifier"))]
+    pub table: Option<String>,
+    /// Source table whose row (`event_id` = id) is deleted after dead-lettering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)?$')")
+        .message("deadLetter.sql.eventTable must be a SQL identifier"))]
+    pub event_table: Option<String>,
+}
+
+/// Prometheus scraping of the worker pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// A ServiceMonitor for the Prometheus operator (created only when its CRD is installed).
+    #[serde(default)]
+    pub service_monitor: ServiceMonitorSpec,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMonitorSpec {
+    /// Create the ServiceMonitor.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Scrape interval, e.g. 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// Extra labels (for the Prometheus instance's selector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// PodDisruptionBudget: one of minAvailable or maxUnavailable.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionBudgetSpec {
+    /// Pods that must stay available (number or percentage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<IntOrString>,
+    /// Pods that may be unavailable (number or percentage); default 1 when neither is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalingMode {
+    /// The operator scales from the lag it reads.
+    #[default]
+    Builtin,
+    /// A KEDA ScaledObject with redis-streams triggers.
+    Keda,
+    /// A HorizontalPodAutoscaler on the lag metric.
+    Hpa,
+}
+
+/// Scaling on stream lag.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Fewest pods.
+    #[serde(default = "default_replicas")]
+    #[x_kube(validation = Rule::new("self >= 0").message("autoscaling.minReplicas must not be negative"))]
+    pub min_replicas: i32,
+    /// Most pods.
+    #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.maxReplicas must be at least 1"))]
+    pub max_replicas: i32,
+    /// Lag (undelivered entries) one pod is expected to absorb.
+    #[serde(default = "default_target_lag")]
+    #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.targetLagPerReplica must be at least 1"))]
+    pub target_lag_per_replica: i64,
+    /// builtin, keda or hpa.
+    #[serde(default)]
+    pub mode: AutoscalingMode,
+}
+
+/// What the operator observed.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EventWorkerStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing and Degraded.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Worker pods desired by the Deployment.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Worker pods ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the worker pods (for the scale subresource).
+    #[serde(default)]
+    pub selector: String,
+    /// Per-stream backlog read from Redis.
+    #[serde(default)]
+    pub streams: Vec<StreamStatus>,
+    /// Sum of the streams' lag.
+    #[serde(default)]
+    pub total_lag: i64,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Ready, Progressing or Degraded.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    /// One-word reason.
+    pub reason: String,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// The generation this condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamStatus {
+    /// Stream key.
+    pub name: String,
+    /// XLEN.
+    pub length: i64,
+    /// Delivered to the group, not acknowledged.
+    pub pending: i64,
+    /// Not yet delivered to the group.
+    pub lag: i64,
+}
+
+fn default_streams() -> Vec<String> {
+    ["critical", "fast", "default", "slow"].map(String::from).to_vec()
+}
+fn default_group() -> String {
+    "workers".into()
+}
+fn default_image() -> String {
+    DEFAULT_IMAGE.into()
+}
+fn default_replicas() -> i32 {
+    1
+}
+fn default_grace() -> i64 {
+    30
+}
+fn default_redis_port() -> i32 {
+    6379
+}
+fn default_target_lag() -> i64 {
+    1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn crd_has_names_columns_scale_and_rules() {
+        let crd = EventWorker::crd();
+        assert_eq!(crd.spec.group, "eventworker.io");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["ew".to_string()]));
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        let cols: Vec<_> = v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(cols, ["Ready", "Replicas", "Lag", "Age"]);
+        let sub = v.subresources.as_ref().unwrap();
+        assert!(sub.status.is_some());
+        assert_eq!(sub.scale.as_ref().unwrap().spec_replicas_path, ".spec.replicas");
+        let yaml = serde_yaml::to_string(&crd).unwrap();
+        for msg in [
+            "redis: set exactly one of url and host",
+            "target.uri must start with http:// or https://",
+            "deadLetter.httpUri is required with mode http",
+            "autoscaling.minReplicas must not be greater than autoscaling.maxReplicas",
+            "stream names are letters",
+        ] {
+            assert!(yaml.contains(msg), "missing rule: {msg}");
+        }
+    }
+
+    #[test]
+    fn minimal_spec_gets_defaults() {
+        let spec: EventWorkerSpec = serde_json::from_value(
+            serde_json::json!({"redis": {"host": "redis"}, "target": {"uri": "http://svc/events"}}),
+        )
+        .unwrap();
+        assert_eq!(spec.streams, ["critical", "fast", "default", "slow"]);
+        assert_eq!(spec.group, "workers");
+        assert_eq!(spec.replicas, 1);
+        assert_eq!(spec.redis.port, 6379);
+        assert_eq!(spec.dead_letter.mode, DeadLetterMode::Console);
+        assert_eq!(spec.ordering, Ordering::Key);
+    }
+}

@@ -1,0 +1,161 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use eventworker_operator::admin::{self, AdminState};
+use eventworker_operator::controller::{self, Context};
+use eventworker_operator::leader::Elector;
+use eventworker_operator::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+
+/// eventworker-operator: reconciles EventWorker resources into worker Deployments.
+#[derive(Parser)]
+#[command(name = "eventworker-operator", version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Port of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "METRICS_PORT", default_value_t = 8080)]
+    metrics_port: u16,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "eventworker-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (defaults to the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease (defaults to the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader's lease lasts without renewal.
+    #[arg(long, env = "LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the EventWorker CustomResourceDefinition as YAML.
+    Crd,
+    /// Run the controller (the default).
+    Run,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(Cmd::Crd) = args.command {
+        print!("{}", eventworker_operator::crd_yaml());
+        return Ok(());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API (KUBECONFIG / in-cluster config): {e}"))?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", args.metrics_port))
+        .await
+        .map_err(|e| anyhow::anyhow!("METRICS_PORT {}: {e}", args.metrics_port))?;
+    let app = admin::router(AdminState { metrics: metrics.clone(), ready: ready.clone() });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let s = shutdown.clone();
+        async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+            tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+            tracing::info!("shutting down");
+            s.cancel();
+        }
+    });
+
+    let identity = args.identity.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "operator".into())
+    });
+    let elector = Elector::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+        Duration::from_secs(args.lease_duration.max(3)),
+    );
+    // Stand by until we hold the lease.
+    loop {
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => break,
+            Ok(false) => {
+                ready.store(true, Ordering::Relaxed);
+                tracing::debug!("another replica leads; standing by");
+            }
+            Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(elector.renew_every()) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    ready.store(true, Ordering::Relaxed);
+    metrics.leader.set(1);
+    tracing::info!(%identity, "leader: reconciling EventWorkers");
+
+    // Keep the lease; losing it stops this replica (Kubernetes restarts it as a standby).
+    let lost = CancellationToken::new();
+    tokio::spawn({
+        let (lost, shutdown) = (lost.clone(), shutdown.clone());
+        let mut last_renewal = std::time::Instant::now();
+        let duration = Duration::from_secs(args.lease_duration.max(3));
+        async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(elector.renew_every()) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                match elector.try_acquire_or_renew().await {
+                    Ok(true) => last_renewal = std::time::Instant::now(),
+                    Ok(false) => {
+                        tracing::error!("leader lease taken by another replica; stopping");
+                        lost.cancel();
+                        return;
+                    }
+                    Err(e) if last_renewal.elapsed() < duration => {
+                        tracing::warn!(error = %e, "lease renewal failed; retrying")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "lease could not be renewed in time; stopping");
+                        lost.cancel();
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (stop, lost, shutdown) = (stop.clone(), lost.clone(), shutdown.clone());
+        async move {
+            tokio::select! { _ = lost.cancelled() => {}, _ = shutdown.cancelled() => {} }
+            stop.cancel();
+        }
+    });
+    controller::run(Arc::new(Context::new(client, metrics)), stop).await;
+    if lost.is_cancelled() {
+        anyhow::bail!("leadership lost");
+    }
+    Ok(())
+}

@@ -1,0 +1,347 @@
+//! The worker Deployment: the spec rendered into the worker's own environment variables.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
+use sha2::{Digest, Sha256};
+
+use super::{child_meta, labels, selector_labels, METRICS_PORT};
+use crate::crd::{DeadLetterMode, EventWorker, EventWorkerSpec, Ordering, SecretKeyRef};
+
+/// Pod-template annotation: hash of the rendered configuration and the referenced Secrets'
+/// values, so that a change of either rolls the pods.
+pub const CONFIG_HASH: &str = "eventworker.io/config-hash";
+
+/// Data of the Secrets an EventWorker references, by Secret name.
+pub type SecretData = BTreeMap<String, BTreeMap<String, ByteString>>;
+
+fn plain(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.to_string()), value_from: None }
+}
+
+fn secret(name: &str, r: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: r.name.clone(), key: r.key.clone(), optional: Some(false) }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Every Secret key the spec references.
+pub fn secret_refs(spec: &EventWorkerSpec) -> Vec<&SecretKeyRef> {
+    let mut refs = Vec::new();
+    refs.extend(spec.redis.password_secret_ref.as_ref());
+    refs.extend(spec.target.signing_secret_ref.as_ref());
+    if spec.dead_letter.mode == DeadLetterMode::Sql {
+        refs.extend(spec.dead_letter.sql.as_ref().map(|s| &s.connection_secret_ref));
+    }
+    refs
+}
+
+/// The worker's environment: the same variables it reads when run by hand.
+pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
+    let mut env = Vec::new();
+    let redis_url = match (&spec.redis.url, &spec.redis.host) {
+        (Some(url), _) => url.clone(),
+        (None, Some(host)) => {
+            format!("{}://{}:{}", if spec.redis.tls { "rediss" } else { "redis" }, host, spec.redis.port)
+        }
+        (None, None) => "redis://localhost:6379".into(),
+    };
+    env.push(plain("REDIS_URL", redis_url));
+    if let Some(r) = &spec.redis.password_secret_ref {
+        env.push(secret("REDIS_PASSWORD", r));
+    }
+    env.push(plain("STREAMS", spec.streams.join(",")));
+    env.push(plain("GROUP", &spec.group));
+    if let Some(p) = &spec.consumer_prefix {
+        env.push(plain("CONSUMER_PREFIX", p));
+    }
+    env.push(EnvVar {
+        name: "POD_NAME".into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }),
+            ..Default::default()
+        }),
+    });
+    env.push(plain("DEFAULT_WORKER_URI", &spec.target.uri));
+    if let Some(t) = spec.target.connect_timeout_seconds {
+        env.push(plain("CONNECT_TIMEOUT", t));
+    }
+    if let Some(t) = spec.target.read_timeout_seconds {
+        env.push(plain("READ_TIMEOUT", t));
+    }
+    if let Some(r) = &spec.target.signing_secret_ref {
+        env.push(secret("WEBHOOK_SECRET", r));
+    }
+    if let Some(n) = spec.retry.max_attempts {
+        env.push(plain("MAX_ATTEMPTS", n));
+    }
+    if let Some(b) = spec.retry.backoff_seconds {
+        env.push(plain("RETRY_BACKOFF", b));
+    }
+    if let Some(c) = spec.retry.claim_idle_seconds {
+        env.push(plain("CLAIM_IDLE", c));
+    }
+    match spec.dead_letter.mode {
+        DeadLetterMode::Console => {}
+        DeadLetterMode::Http => {
+            if let Some(u) = &spec.dead_letter.http_uri {
+                env.push(plain("DLQ_URI", u));
+            }
+        }
+        DeadLetterMode::Sql => {
+            if let Some(sql) = &spec.dead_letter.sql {
+                env.push(secret("DLQ_DB_CONNECTION", &sql.connection_secret_ref));
+                if let Some(t) = &sql.table {
+                    env.push(plain("DLQ_DB_TABLE", t));
+                }
+                if let Some(t) = &sql.event_table {
+                    env.push(plain("EVENT_DB_TABLE", t));
+                }
+            }
+        }
+    }
+    env.push(plain(
+        "ORDERING",
+        match spec.ordering {
+            Ordering::Key => "key",
+            Ordering::Stream => "stream",
+            Ordering::None => "none",
+        },
+    ));
+    if let Some(n) = spec.max_in_flight {
+        env.push(plain("MAX_IN_FLIGHT", n));
+    }
+    env.push(plain("METRICS_PORT", METRICS_PORT));
+    // Leave the pod a few seconds between the worker's drain and SIGKILL.
+    env.push(plain("SHUTDOWN_GRACE", (spec.termination_grace_period_seconds - 5).max(1)));
+    env.push(plain("LOG_FORMAT", "json"));
+    env
+}
+
+/// Hash of the rendered environment and the values of the referenced Secret keys (a
+/// missing Secret or key hashes as missing, so its later creation rolls the pods too).
+pub fn config_hash(spec: &EventWorkerSpec, env: &[EnvVar], secrets: &SecretData) -> String {
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(env).unwrap_or_default());
+    let mut refs = secret_refs(spec);
+    refs.sort_by(|a, b| (&a.name, &a.key).cmp(&(&b.name, &b.key)));
+    for r in refs {
+        h.update(format!("\0{}/{}=", r.name, r.key));
+        match secrets.get(&r.name).and_then(|d| d.get(&r.key)) {
+            Some(v) => h.update(&v.0),
+            None => h.update(b"\0missing"),
+        }
+    }
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(3),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
+pub fn deployment(ew: &EventWorker, secrets: &SecretData) -> Deployment {
+    let spec = &ew.spec;
+    let env = worker_env(spec);
+    let mut pod_labels = labels(ew);
+    pod_labels.extend(spec.pod_labels.clone().unwrap_or_default());
+    let mut annotations = spec.pod_annotations.clone().unwrap_or_default();
+    annotations.insert(CONFIG_HASH.into(), config_hash(spec, &env, secrets));
+    // With an external autoscaler (KEDA, HPA) the replica count is its to set.
+    let external_scaler = spec.autoscaling.as_ref().is_some_and(|a| a.mode != crate::crd::AutoscalingMode::Builtin);
+    let container = Container {
+        name: "worker".into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        liveness_probe: Some(probe("/healthz", 10)),
+        readiness_probe: Some(probe("/readyz", 5)),
+        resources: spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: child_meta(ew),
+        spec: Some(DeploymentSpec {
+            replicas: if external_scaler { None } else { Some(spec.replicas) },
+            selector: LabelSelector { match_labels: Some(selector_labels(ew)), match_expressions: None },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".into())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    service_account_name: spec.service_account_name.clone(),
+                    automount_service_account_token: Some(false),
+                    termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+                    node_selector: spec.node_selector.clone(),
+                    tolerations: spec.tolerations.clone(),
+                    affinity: spec.affinity.clone(),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::testing::{ew, minimal};
+    use serde_json::json;
+
+    fn env_map(d: &Deployment) -> BTreeMap<String, EnvVar> {
+        let c = &d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+        c.env.clone().unwrap().into_iter().map(|e| (e.name.clone(), e)).collect()
+    }
+
+    fn value(env: &BTreeMap<String, EnvVar>, k: &str) -> Option<String> {
+        env.get(k).and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn spec_renders_into_the_workers_environment() {
+        let mut s = minimal();
+        s["redis"] = json!({"host": "redis.shop", "port": 6380, "tls": true, "passwordSecretRef": {"name": "redis", "key": "password"}});
+        s["streams"] = json!(["fast", "slow"]);
+        s["target"]["readTimeoutSeconds"] = json!(10.5);
+        s["target"]["signingSecretRef"] = json!({"name": "hooks", "key": "secret"});
+        s["retry"] = json!({"maxAttempts": 7});
+        s["deadLetter"] = json!({"mode": "sql", "sql": {"connectionSecretRef": {"name": "db", "key": "url"}, "table": "failed", "eventTable": "outbox"}});
+        s["ordering"] = "stream".into();
+        let d = deployment(&ew(s), &SecretData::new());
+        let env = env_map(&d);
+        assert_eq!(value(&env, "REDIS_URL").as_deref(), Some("rediss://redis.shop:6380"));
+        assert_eq!(value(&env, "STREAMS").as_deref(), Some("fast,slow"));
+        assert_eq!(value(&env, "GROUP").as_deref(), Some("workers"));
+        assert_eq!(value(&env, "DEFAULT_WORKER_URI").as_deref(), Some("http://orders-api/events/[EVENT_TYPE]"));
+        assert_eq!(value(&env, "READ_TIMEOUT").as_deref(), Some("10.5"));
+        assert_eq!(value(&env, "MAX_ATTEMPTS").as_deref(), Some("7"));
+        assert_eq!(value(&env, "ORDERING").as_deref(), Some("stream"));
+        assert_eq!(value(&env, "DLQ_DB_TABLE").as_deref(), Some("failed"));
+        assert_eq!(value(&env, "EVENT_DB_TABLE").as_deref(), Some("outbox"));
+        assert_eq!(value(&env, "METRICS_PORT").as_deref(), Some("9000"));
+        assert_eq!(value(&env, "SHUTDOWN_GRACE").as_deref(), Some("25"));
+        for (var, secret, key) in [
+            ("REDIS_PASSWORD", "redis", "password"),
+            ("WEBHOOK_SECRET", "hooks", "secret"),
+            ("DLQ_DB_CONNECTION", "db", "url"),
+        ] {
+            let r = env[var].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+            assert_eq!((r.name.as_str(), r.key.as_str()), (secret, key), "{var} comes from its Secret");
+            assert!(env[var].value.is_none(), "{var} never inlined");
+        }
+        assert!(env["POD_NAME"].value_from.as_ref().unwrap().field_ref.is_some());
+        assert!(!env.contains_key("DLQ_URI"));
+    }
+
+    #[test]
+    fn pods_are_locked_down_and_probed() {
+        let d = deployment(&ew(minimal()), &SecretData::new());
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(pod.security_context.as_ref().unwrap().seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
+        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
+        let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("EventWorker", Some(true)));
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+    }
+
+    #[test]
+    fn hash_changes_with_config_and_with_secret_values() {
+        let mut s = minimal();
+        s["redis"]["passwordSecretRef"] = json!({"name": "redis", "key": "password"});
+        let w = ew(s);
+        let hash = |w: &EventWorker, secrets: &SecretData| {
+            let d = deployment(w, secrets);
+            d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH].clone()
+        };
+        let with = |v: &str| {
+            SecretData::from([(
+                "redis".into(),
+                BTreeMap::from([("password".into(), ByteString(v.as_bytes().to_vec()))]),
+            )])
+        };
+        let h1 = hash(&w, &with("one"));
+        assert_eq!(h1, hash(&w, &with("one")), "stable");
+        assert_ne!(h1, hash(&w, &with("two")), "a Secret change rolls the pods");
+        assert_ne!(h1, hash(&w, &SecretData::new()), "a missing Secret hashes differently");
+        let mut changed = w.clone();
+        changed.spec.target.uri = "http://other/events".into();
+        assert_ne!(h1, hash(&changed, &with("one")), "a spec change rolls the pods");
+        // Unrelated Secrets do not matter.
+        let mut extra = with("one");
+        extra.insert("unrelated".into(), BTreeMap::new());
+        assert_eq!(h1, hash(&w, &extra));
+    }
+
+    #[test]
+    fn external_autoscalers_own_the_replica_count() {
+        let mut s = minimal();
+        s["autoscaling"] = json!({"minReplicas": 1, "maxReplicas": 5, "mode": "keda"});
+        assert_eq!(deployment(&ew(s), &SecretData::new()).spec.unwrap().replicas, None);
+    }
+}
