@@ -170,7 +170,8 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     }
 
     let url = status::redis_url(ew, &secrets);
-    obs.redis = status::read_lag(&url, &ew.spec.streams, &ew.spec.group, ctx.redis_timeout).await;
+    let names: Vec<String> = ew.spec.streams.iter().map(|s| s.name.clone()).collect();
+    obs.redis = status::read_lag(&url, &names, &ew.spec.group, ctx.redis_timeout).await;
     let was_degraded_by_redis = condition_reason(ew, "Degraded") == Some("RedisUnreachable");
     match &obs.redis {
         Err(e) if !was_degraded_by_redis => {

@@ -45,12 +45,13 @@ pub const DEFAULT_IMAGE: &str = concat!("eventworker:", env!("CARGO_PKG_VERSION"
 pub struct EventWorkerSpec {
     /// How to reach Redis.
     pub redis: RedisSpec,
-    /// Stream names to consume; each is read from the key `events:<name>`, highest priority first.
+    /// Streams to consume, highest priority first; each is read from the key `events:<name>`.
     #[serde(default = "default_streams")]
-    #[x_kube(validation = Rule::new("self.all(s, s.matches('^[A-Za-z0-9][A-Za-z0-9_.-]*$') && s != 'retry')")
+    #[x_kube(validation = Rule::new("self.all(s, s.name.matches('^[A-Za-z0-9][A-Za-z0-9_.-]*$') && s.name != 'retry')")
         .message("stream names are letters, digits, '.', '_' and '-', and 'retry' is reserved"))]
     #[x_kube(validation = Rule::new("size(self) > 0").message("at least one stream is required"))]
-    pub streams: Vec<String>,
+    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y.name == x.name))").message("stream names must be unique"))]
+    pub streams: Vec<StreamSpec>,
     /// Consumer group shared by all workers of this EventWorker.
     #[serde(default = "default_group")]
     pub group: String,
@@ -120,6 +121,27 @@ pub struct EventWorkerSpec {
     pub autoscaling: Option<AutoscalingSpec>,
 }
 
+/// One stream and how it is consumed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamSpec {
+    /// Stream name; the key is `events:<name>`.
+    pub name: String,
+    /// Most events in flight for this stream and pod (default: spec.maxInFlight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("streams[].maxInFlight must be at least 1"))]
+    pub max_in_flight: Option<i32>,
+    /// Ordering for this stream (default: spec.ordering).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<Ordering>,
+}
+
+impl StreamSpec {
+    pub fn named(name: &str) -> Self {
+        Self { name: name.into(), ..Default::default() }
+    }
+}
+
 /// Redis connection. Set `url`, or `host` (and `port`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
@@ -169,6 +191,9 @@ pub struct TargetSpec {
     /// Response timeout in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_timeout_seconds: Option<f64>,
+    /// Extra headers sent with every delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
     /// Secret key holding a Standard Webhooks signing secret; requests are signed when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_secret_ref: Option<SecretKeyRef>,
@@ -379,8 +404,8 @@ pub struct StreamStatus {
     pub lag: i64,
 }
 
-fn default_streams() -> Vec<String> {
-    ["critical", "fast", "default", "slow"].map(String::from).to_vec()
+fn default_streams() -> Vec<StreamSpec> {
+    ["critical", "fast", "default", "slow"].map(StreamSpec::named).to_vec()
 }
 fn default_group() -> String {
     "workers".into()
@@ -425,6 +450,7 @@ mod tests {
             "deadLetter.httpUri is required with mode http",
             "autoscaling.minReplicas must not be greater than autoscaling.maxReplicas",
             "stream names are letters",
+            "stream names must be unique",
         ] {
             assert!(yaml.contains(msg), "missing rule: {msg}");
         }
@@ -436,7 +462,10 @@ mod tests {
             serde_json::json!({"redis": {"host": "redis"}, "target": {"uri": "http://svc/events"}}),
         )
         .unwrap();
-        assert_eq!(spec.streams, ["critical", "fast", "default", "slow"]);
+        assert_eq!(
+            spec.streams.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["critical", "fast", "default", "slow"]
+        );
         assert_eq!(spec.group, "workers");
         assert_eq!(spec.replicas, 1);
         assert_eq!(spec.redis.port, 6379);

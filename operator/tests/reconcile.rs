@@ -123,7 +123,7 @@ fn worker(api: &MockApi, spec: Value) -> Arc<EventWorker> {
 fn spec() -> Value {
     // Port 1 on loopback: nothing listens, so Redis is unreachable.
     json!({"redis": {"host": "127.0.0.1", "port": 1, "passwordSecretRef": {"name": "redis", "key": "password"}},
-           "target": {"uri": "http://orders-api/events"}, "streams": ["fast"]})
+           "target": {"uri": "http://orders-api/events"}, "streams": [{"name": "fast"}]})
 }
 
 fn env_of(deploy: &Value) -> BTreeMap<String, Value> {

@@ -1,6 +1,7 @@
 //! Configuration: every setting is an environment variable (the original worker's names
 //! and defaults) and a command-line flag.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -99,6 +100,15 @@ pub struct Args {
     /// Most events in flight per stream (read but not yet finished).
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 64)]
     pub max_in_flight: usize,
+    /// Per-stream MAX_IN_FLIGHT overrides: name=N,name=N.
+    #[arg(long, env = "STREAM_MAX_IN_FLIGHT")]
+    pub stream_max_in_flight: Option<String>,
+    /// Per-stream ORDERING overrides: name=key|stream|none,...
+    #[arg(long, env = "STREAM_ORDERING")]
+    pub stream_ordering: Option<String>,
+    /// Extra headers on every delivery, as a JSON object of strings.
+    #[arg(long, env = "TARGET_HEADERS")]
+    pub target_headers: Option<String>,
     /// Seconds an entry may sit idle in another consumer's pending list before it is taken over.
     #[arg(long, env = "CLAIM_IDLE", default_value_t = 60.0)]
     pub claim_idle: f64,
@@ -186,6 +196,11 @@ pub struct Config {
     pub ordering: Ordering,
     pub ordering_key_field: String,
     pub max_in_flight: usize,
+    /// Per-stream overrides of `max_in_flight` and `ordering`.
+    pub stream_max_in_flight: BTreeMap<String, usize>,
+    pub stream_ordering: BTreeMap<String, Ordering>,
+    /// Extra request headers.
+    pub target_headers: Vec<(String, String)>,
     pub claim_idle: Duration,
     pub delete_on_ack: bool,
     pub attempt_ttl: Duration,
@@ -263,6 +278,27 @@ impl Config {
         if a.ordering_key_field.is_empty() {
             return Err(bad("ORDERING_KEY_FIELD", "must not be empty"));
         }
+        let stream_max_in_flight =
+            overrides("STREAM_MAX_IN_FLIGHT", a.stream_max_in_flight.as_deref(), &streams, |v| {
+                v.parse::<usize>().ok().filter(|n| *n > 0)
+            })?;
+        let stream_ordering =
+            overrides("STREAM_ORDERING", a.stream_ordering.as_deref(), &streams, |v| Ordering::from_str(v, true).ok())?;
+        let target_headers = match a.target_headers.as_deref().filter(|s| !s.trim().is_empty()) {
+            None => vec![],
+            Some(json) => {
+                let map: BTreeMap<String, String> = serde_json::from_str(json)
+                    .map_err(|e| bad("TARGET_HEADERS", format!("must be a JSON object of strings: {e}")))?;
+                for (k, v) in &map {
+                    if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                        || reqwest::header::HeaderValue::from_str(v).is_err()
+                    {
+                        return Err(bad("TARGET_HEADERS", format!("{k:?} is not a valid header")));
+                    }
+                }
+                map.into_iter().collect()
+            }
+        };
         let consumer_name = a
             .consumer_name
             .or_else(|| std::env::var("POD_NAME").ok())
@@ -285,6 +321,9 @@ impl Config {
             ordering: a.ordering,
             ordering_key_field: a.ordering_key_field,
             max_in_flight: a.max_in_flight,
+            stream_max_in_flight,
+            stream_ordering,
+            target_headers,
             claim_idle: seconds("CLAIM_IDLE", a.claim_idle)?,
             delete_on_ack: a.delete_on_ack,
             attempt_ttl: Duration::from_secs(a.attempt_ttl.max(1)),
@@ -299,6 +338,14 @@ impl Config {
         })
     }
 
+    pub fn max_in_flight_for(&self, stream: &str) -> usize {
+        self.stream_max_in_flight.get(stream).copied().unwrap_or(self.max_in_flight)
+    }
+
+    pub fn ordering_for(&self, stream: &str) -> Ordering {
+        self.stream_ordering.get(stream).copied().unwrap_or(self.ordering)
+    }
+
     pub fn consumer(&self, stream: &str) -> String {
         format!("{}-{}-{}", self.consumer_prefix, stream, self.consumer_name)
     }
@@ -306,6 +353,26 @@ impl Config {
 
 fn bad(var: &'static str, msg: impl Into<String>) -> Error {
     Error::Config { var, msg: msg.into() }
+}
+
+/// `name=value,name=value` for streams in STREAMS.
+fn overrides<T>(
+    var: &'static str,
+    raw: Option<&str>,
+    streams: &[String],
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<BTreeMap<String, T>> {
+    let mut out = BTreeMap::new();
+    for item in raw.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, value) = item.split_once('=').ok_or_else(|| bad(var, format!("{item:?} is not name=value")))?;
+        let (name, value) = (name.trim(), value.trim());
+        if !streams.iter().any(|s| s == name) {
+            return Err(bad(var, format!("{name:?} is not in STREAMS")));
+        }
+        let v = parse(value).ok_or_else(|| bad(var, format!("{value:?} is not a valid value for {name}")))?;
+        out.insert(name.to_string(), v);
+    }
+    Ok(out)
 }
 
 fn seconds(var: &'static str, v: f64) -> Result<Duration> {
@@ -458,6 +525,34 @@ mod tests {
         for (args, var) in cases {
             let err = parse(args).expect_err(var).to_string();
             assert!(err.contains(var), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn per_stream_overrides_and_extra_headers() {
+        let c = parse(&[
+            "--streams",
+            "fast,slow",
+            "--stream-max-in-flight",
+            "slow=4",
+            "--stream-ordering",
+            "fast=stream",
+            "--target-headers",
+            r#"{"Authorization":"Bearer x"}"#,
+        ])
+        .unwrap();
+        assert_eq!((c.max_in_flight_for("slow"), c.max_in_flight_for("fast")), (4, 64));
+        assert_eq!((c.ordering_for("fast"), c.ordering_for("slow")), (Ordering::Stream, Ordering::Key));
+        assert_eq!(c.target_headers, [("Authorization".to_string(), "Bearer x".to_string())]);
+        for (args, var) in [
+            (vec!["--stream-max-in-flight", "nope=3"], "STREAM_MAX_IN_FLIGHT"),
+            (vec!["--stream-max-in-flight", "fast=0"], "STREAM_MAX_IN_FLIGHT"),
+            (vec!["--stream-ordering", "fast=random"], "STREAM_ORDERING"),
+            (vec!["--target-headers", "[1]"], "TARGET_HEADERS"),
+            (vec!["--target-headers", r#"{"bad header":"x"}"#], "TARGET_HEADERS"),
+        ] {
+            let err = parse(&args).expect_err(var).to_string();
+            assert!(err.contains(var), "{err}");
         }
     }
 

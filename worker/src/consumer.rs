@@ -93,6 +93,8 @@ struct StreamConsumer {
     acks: mpsc::Sender<Ack>,
     tracker: TaskTracker,
     in_flight_gauge: prometheus::IntGauge,
+    max_in_flight: usize,
+    ordering: crate::config::Ordering,
 }
 
 /// Consume one stream until shutdown, then drain.
@@ -102,7 +104,9 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
     let acker = tokio::spawn(ack_loop(w.clone(), key.clone(), rx));
     let sc = Arc::new(StreamConsumer {
         consumer: w.cfg.consumer(&name),
-        sem: Arc::new(Semaphore::new(w.cfg.max_in_flight)),
+        sem: Arc::new(Semaphore::new(w.cfg.max_in_flight_for(&name))),
+        max_in_flight: w.cfg.max_in_flight_for(&name),
+        ordering: w.cfg.ordering_for(&name),
         lanes: Mutex::new(HashMap::new()),
         in_flight: Mutex::new(HashMap::new()),
         acks: tx,
@@ -269,7 +273,7 @@ impl StreamConsumer {
             _ = self.stop().cancelled() => return None,
         };
         let mut permits = vec![first];
-        let enough = (self.w.cfg.max_in_flight / 4).clamp(1, READ_BATCH);
+        let enough = (self.max_in_flight / 4).clamp(1, READ_BATCH);
         let deadline = tokio::time::Instant::now() + BATCH_WAIT;
         loop {
             while permits.len() < READ_BATCH {
@@ -323,7 +327,7 @@ impl StreamConsumer {
                     this.done(&entry.id, permit);
                 });
             }
-            Ok(ev) => match event::lane(self.w.cfg.ordering, &ev) {
+            Ok(ev) => match event::lane(self.ordering, &ev) {
                 None => {
                     self.tracker.spawn(async move {
                         let id = ev.entry_id.clone();

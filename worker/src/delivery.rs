@@ -101,6 +101,7 @@ pub struct Deliverer {
     read_timeout: Duration,
     secret: Option<Vec<u8>>,
     targets: Arc<RwLock<HashMap<String, Target>>>,
+    extra_headers: HeaderMap,
 }
 
 impl Deliverer {
@@ -119,6 +120,13 @@ impl Deliverer {
             read_timeout: cfg.read_timeout,
             secret: cfg.webhook_secret.clone(),
             targets: Arc::default(),
+            extra_headers: cfg
+                .target_headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((reqwest::header::HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?))
+                })
+                .collect(),
         })
     }
 
@@ -141,7 +149,7 @@ impl Deliverer {
 
     /// One POST attempt. `attempt` is 1-based.
     pub async fn deliver(&self, ev: &Event, target: &Target, stream_key: &str, attempt: u32) -> Outcome {
-        let mut headers = HeaderMap::new();
+        let mut headers = self.extra_headers.clone();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         if let Some(id) = ev.id.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
             headers.insert("x-event-id", id);

@@ -14,7 +14,11 @@ const T: Duration = Duration::from_secs(30);
 async fn delivers_with_the_original_headers_and_acks() {
     let redis = RedisServer::start();
     let sink = Sink::start().await;
-    let w = Worker::start(&redis, &sink.url("/events/[EVENT_TYPE]"), &[("STREAMS", "fast,slow")]);
+    let w = Worker::start(
+        &redis,
+        &sink.url("/events/[EVENT_TYPE]"),
+        &[("STREAMS", "fast,slow"), ("TARGET_HEADERS", r#"{"Authorization": "Bearer abc"}"#)],
+    );
     w.wait_ready().await;
     let mut con = redis.con().await;
     produce(
@@ -40,6 +44,7 @@ async fn delivers_with_the_original_headers_and_acks() {
     assert_eq!(first.header("x-event-attempt"), Some("1"));
     assert!(first.header("traceparent").is_some_and(|t| t.starts_with("00-") && t.len() == 55));
     assert!(first.header("webhook-signature").is_none(), "unsigned without WEBHOOK_SECRET");
+    assert_eq!(first.header("authorization"), Some("Bearer abc"), "TARGET_HEADERS added");
 
     let second = sink.posts("/custom").pop().expect("meta.url wins");
     assert_eq!(second.header("x-event-queue"), Some("billing"));
@@ -393,4 +398,41 @@ async fn same_key_in_order_other_keys_concurrently() {
     let order: Vec<&str> = received.iter().filter_map(|r| r.header("x-event-id")).collect();
     let produced: Vec<String> = events.iter().map(|(m, _)| m["id"].as_str().unwrap().to_string()).collect();
     assert_ne!(order, produced, "different keys were not delivered concurrently");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_stream_ordering_overrides_the_default() {
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|r, _| {
+        let n: u64 =
+            r.header("x-event-id").and_then(|id| id.rsplit('-').next()).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Reply::ok().after(Duration::from_millis((n * 7919) % 10))
+    });
+    let w = Worker::start(
+        &redis,
+        &sink.url("/e"),
+        &[
+            ("STREAMS", "fast,slow"),
+            ("ORDERING", "none"),
+            ("STREAM_ORDERING", "slow=stream"),
+            ("STREAM_MAX_IN_FLIGHT", "fast=32"),
+        ],
+    );
+    w.wait_ready().await;
+    let mut con = redis.con().await;
+    let evs = |s: &str| (0..60).map(|i| (meta(format!("{s}-{i}"), "t"), vec![])).collect::<Vec<_>>();
+    produce(&mut con, "events:fast", &evs("fast")).await;
+    produce(&mut con, "events:slow", &evs("slow")).await;
+    wait_until("all delivered", T, || async { sink.posts("/e").len() == 120 }).await;
+    let seq = |prefix: &str| -> Vec<u64> {
+        sink.posts("/e")
+            .iter()
+            .filter_map(|r| r.header("x-event-id"))
+            .filter(|id| id.starts_with(prefix))
+            .map(|id| id.rsplit('-').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    assert_eq!(seq("slow-"), (0..60).collect::<Vec<_>>(), "slow is strictly ordered");
+    assert_ne!(seq("fast-"), (0..60).collect::<Vec<_>>(), "fast is concurrent");
 }

@@ -37,6 +37,14 @@ fn secret(name: &str, r: &SecretKeyRef) -> EnvVar {
     }
 }
 
+fn ordering_name(o: Ordering) -> &'static str {
+    match o {
+        Ordering::Key => "key",
+        Ordering::Stream => "stream",
+        Ordering::None => "none",
+    }
+}
+
 /// Every Secret key the spec references.
 pub fn secret_refs(spec: &EventWorkerSpec) -> Vec<&SecretKeyRef> {
     let mut refs = Vec::new();
@@ -62,7 +70,19 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
     if let Some(r) = &spec.redis.password_secret_ref {
         env.push(secret("REDIS_PASSWORD", r));
     }
-    env.push(plain("STREAMS", spec.streams.join(",")));
+    let names: Vec<&str> = spec.streams.iter().map(|s| s.name.as_str()).collect();
+    env.push(plain("STREAMS", names.join(",")));
+    let per_stream = |f: &dyn Fn(&crate::crd::StreamSpec) -> Option<String>| {
+        spec.streams.iter().filter_map(|s| f(s).map(|v| format!("{}={v}", s.name))).collect::<Vec<_>>().join(",")
+    };
+    let in_flight = per_stream(&|s| s.max_in_flight.map(|n| n.to_string()));
+    if !in_flight.is_empty() {
+        env.push(plain("STREAM_MAX_IN_FLIGHT", in_flight));
+    }
+    let orderings = per_stream(&|s| s.ordering.map(|o| ordering_name(o).to_string()));
+    if !orderings.is_empty() {
+        env.push(plain("STREAM_ORDERING", orderings));
+    }
     env.push(plain("GROUP", &spec.group));
     if let Some(p) = &spec.consumer_prefix {
         env.push(plain("CONSUMER_PREFIX", p));
@@ -81,6 +101,9 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
     }
     if let Some(t) = spec.target.read_timeout_seconds {
         env.push(plain("READ_TIMEOUT", t));
+    }
+    if let Some(h) = spec.target.headers.as_ref().filter(|h| !h.is_empty()) {
+        env.push(plain("TARGET_HEADERS", serde_json::to_string(h).unwrap_or_default()));
     }
     if let Some(r) = &spec.target.signing_secret_ref {
         env.push(secret("WEBHOOK_SECRET", r));
@@ -113,14 +136,7 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
             }
         }
     }
-    env.push(plain(
-        "ORDERING",
-        match spec.ordering {
-            Ordering::Key => "key",
-            Ordering::Stream => "stream",
-            Ordering::None => "none",
-        },
-    ));
+    env.push(plain("ORDERING", ordering_name(spec.ordering)));
     if let Some(n) = spec.max_in_flight {
         env.push(plain("MAX_IN_FLIGHT", n));
     }
@@ -259,7 +275,8 @@ mod tests {
     fn spec_renders_into_the_workers_environment() {
         let mut s = minimal();
         s["redis"] = json!({"host": "redis.shop", "port": 6380, "tls": true, "passwordSecretRef": {"name": "redis", "key": "password"}});
-        s["streams"] = json!(["fast", "slow"]);
+        s["streams"] = json!([{"name": "fast", "maxInFlight": 16}, {"name": "slow", "ordering": "stream"}]);
+        s["target"]["headers"] = json!({"Authorization": "Bearer x"});
         s["target"]["readTimeoutSeconds"] = json!(10.5);
         s["target"]["signingSecretRef"] = json!({"name": "hooks", "key": "secret"});
         s["retry"] = json!({"maxAttempts": 7});
@@ -269,6 +286,9 @@ mod tests {
         let env = env_map(&d);
         assert_eq!(value(&env, "REDIS_URL").as_deref(), Some("rediss://redis.shop:6380"));
         assert_eq!(value(&env, "STREAMS").as_deref(), Some("fast,slow"));
+        assert_eq!(value(&env, "STREAM_MAX_IN_FLIGHT").as_deref(), Some("fast=16"));
+        assert_eq!(value(&env, "STREAM_ORDERING").as_deref(), Some("slow=stream"));
+        assert_eq!(value(&env, "TARGET_HEADERS").as_deref(), Some(r#"{"Authorization":"Bearer x"}"#));
         assert_eq!(value(&env, "GROUP").as_deref(), Some("workers"));
         assert_eq!(value(&env, "DEFAULT_WORKER_URI").as_deref(), Some("http://orders-api/events/[EVENT_TYPE]"));
         assert_eq!(value(&env, "READ_TIMEOUT").as_deref(), Some("10.5"));
