@@ -51,6 +51,8 @@ pub struct EventWorkerSpec {
         .message("stream names are letters, digits, '.', '_' and '-', and 'retry' is reserved"))]
     #[x_kube(validation = Rule::new("size(self) > 0").message("at least one stream is required"))]
     #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y.name == x.name))").message("stream names must be unique"))]
+    // Bounds keep the API server's CEL cost estimate within budget.
+    #[schemars(length(max = 32))]
     pub streams: Vec<StreamSpec>,
     /// Consumer group shared by all workers of this EventWorker.
     #[serde(default = "default_group")]
@@ -126,6 +128,7 @@ pub struct EventWorkerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct StreamSpec {
     /// Stream name; the key is `events:<name>`.
+    #[schemars(length(min = 1, max = 100))]
     pub name: String,
     /// Most events in flight for this stream and pod (default: spec.maxInFlight).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,6 +156,7 @@ impl StreamSpec {
 pub struct RedisSpec {
     /// `redis://host:port/db` or `rediss://` for TLS, without the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     pub url: Option<String>,
     /// Redis host name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,6 +188,7 @@ pub struct TargetSpec {
     /// URI for events without `meta.url`; `[EVENT_TYPE]` is replaced by the event type.
     #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')")
         .message("target.uri must start with http:// or https://"))]
+    #[schemars(length(max = 2048))]
     pub uri: String,
     /// Connect timeout in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +258,7 @@ pub struct DeadLetterSpec {
     pub mode: DeadLetterMode,
     /// Endpoint dead letters are POSTed to (mode http).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     pub http_uri: Option<String>,
     /// SQL store (mode sql).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,11 +274,13 @@ pub struct SqlDeadLetterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)?$')")
         .message("deadLetter.sql.table must be a SQL identifier"))]
+    #[schemars(length(max = 128))]
     pub table: Option<String>,
     /// Source table whose row (`event_id` = id) is deleted after dead-lettering.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)?$')")
         .message("deadLetter.sql.eventTable must be a SQL identifier"))]
+    #[schemars(length(max = 128))]
     pub event_table: Option<String>,
 }
 
