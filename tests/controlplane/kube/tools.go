@@ -1,0 +1,8 @@
+//go:build tools
+
+// Pins the control-plane commands built from k8s.io/kubernetes.
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+)
