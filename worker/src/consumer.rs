@@ -1,7 +1,7 @@
 //! The XREADGROUP / XACK loop of one stream: own pending list recovery, takeover of dead
 //! consumers' entries, ordering lanes, and the fate of each event.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Arc, Mutex};
@@ -91,6 +91,8 @@ struct StreamConsumer {
     lanes: Mutex<HashMap<String, VecDeque<Job>>>,
     in_flight: Mutex<HashMap<String, Instant>>,
     acks: mpsc::Sender<Ack>,
+    /// Entries finished and waiting for their acknowledgement to reach Redis.
+    acking: Arc<Mutex<HashSet<String>>>,
     tracker: TaskTracker,
     in_flight_gauge: prometheus::IntGauge,
     max_in_flight: usize,
@@ -101,7 +103,8 @@ struct StreamConsumer {
 pub async fn run_stream(w: Arc<Worker>, name: String) {
     let key = stream_key(&name);
     let (tx, rx) = mpsc::channel(ACK_BATCH * 4);
-    let acker = tokio::spawn(ack_loop(w.clone(), key.clone(), rx));
+    let acking = Arc::new(Mutex::new(HashSet::new()));
+    let acker = tokio::spawn(ack_loop(w.clone(), key.clone(), rx, acking.clone()));
     let sc = Arc::new(StreamConsumer {
         consumer: w.cfg.consumer(&name),
         sem: Arc::new(Semaphore::new(w.cfg.max_in_flight_for(&name))),
@@ -110,6 +113,7 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
         lanes: Mutex::new(HashMap::new()),
         in_flight: Mutex::new(HashMap::new()),
         acks: tx,
+        acking,
         tracker: TaskTracker::new(),
         in_flight_gauge: w.metrics.in_flight.with_label_values(&[&key]),
         key,
@@ -125,7 +129,7 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
     tracing::info!(stream = %key, "stream consumer stopped");
 }
 
-async fn ack_loop(w: Arc<Worker>, key: String, mut rx: mpsc::Receiver<Ack>) {
+async fn ack_loop(w: Arc<Worker>, key: String, mut rx: mpsc::Receiver<Ack>, acking: Arc<Mutex<HashSet<String>>>) {
     let mut batch = Vec::with_capacity(ACK_BATCH);
     while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
         let ids: Vec<String> = batch.iter().map(|a| a.id.clone()).collect();
@@ -139,6 +143,10 @@ async fn ack_loop(w: Arc<Worker>, key: String, mut rx: mpsc::Receiver<Ack>) {
             .await;
         if done.is_some() {
             w.metrics.ack_batch.observe(ids.len() as f64);
+            let mut set = acking.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &ids {
+                set.remove(id);
+            }
         } else {
             tracing::warn!(stream = %key, count = ids.len(), "acknowledgements abandoned at shutdown; entries stay pending");
         }
@@ -191,6 +199,8 @@ impl StreamConsumer {
                 streams::read_group(&mut con, &self.key, &cfg.group, &self.consumer, &cursor, want, None).await.map(
                     |entries| {
                         own_cursor = entries.last().map(|e| e.id.clone());
+                        // Entries we are working on are pending too; only the others are new to us.
+                        let entries = self.not_in_flight(entries);
                         if !entries.is_empty() {
                             self.w
                                 .metrics
@@ -205,8 +215,7 @@ impl StreamConsumer {
                 next_claim = Instant::now() + cfg.claim_idle / 2;
                 streams::autoclaim(&mut con, &self.key, &cfg.group, &self.consumer, cfg.claim_idle, "0-0", want).await.map(
                     |(_, entries)| {
-                        let mine = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-                        let taken: Vec<RawEntry> = entries.into_iter().filter(|e| !mine.contains_key(&e.id)).collect();
+                        let taken = self.not_in_flight(entries);
                         if !taken.is_empty() {
                             tracing::info!(stream = %self.key, count = taken.len(), "took over idle entries from other consumers");
                             self.w.metrics.claimed.with_label_values(&[&self.key, "autoclaim"]).inc_by(taken.len() as u64);
@@ -242,10 +251,20 @@ impl StreamConsumer {
                 }
                 Err(e) => {
                     errors += 1;
+                    // A read whose reply was lost with the connection left entries in our
+                    // pending list that we never saw: look there again once Redis is back.
+                    own_cursor = Some("0".into());
                     self.on_redis_error("read", &e.to_string(), errors).await;
                 }
             }
         }
+    }
+
+    /// Entries that are neither being worked on nor waiting for their acknowledgement.
+    fn not_in_flight(&self, entries: Vec<RawEntry>) -> Vec<RawEntry> {
+        let mine = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let acking = self.acking.lock().unwrap_or_else(|p| p.into_inner());
+        entries.into_iter().filter(|e| !mine.contains_key(&e.id) && !acking.contains(&e.id)).collect()
     }
 
     fn touch_every(&self) -> Duration {
@@ -387,6 +406,7 @@ impl StreamConsumer {
     }
 
     async fn ack(&self, id: &str, counter: Option<String>) {
+        self.acking.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string());
         // The channel is bounded: a slow Redis slows the consumers down rather than growing memory.
         let _ = self.acks.send(Ack { id: id.to_string(), counter }).await;
     }
