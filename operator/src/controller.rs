@@ -266,17 +266,29 @@ fn rand_millis(max: u64) -> u64 {
     u64::from(nanos) % max.max(1)
 }
 
-/// Run the controller until `shutdown` fires.
-pub async fn run(ctx: Arc<Context>, shutdown: tokio_util::sync::CancellationToken) {
+/// An Api over every namespace, or over the one the operator is limited to.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Run the controller until `shutdown` fires; `namespace` limits it to one namespace.
+pub async fn run(ctx: Arc<Context>, shutdown: tokio_util::sync::CancellationToken, namespace: Option<String>) {
     let client = ctx.client.clone();
-    let ews: Api<EventWorker> = Api::all(client.clone());
-    let controller = Controller::new(ews, watcher::Config::default());
+    let ns = namespace.as_deref();
+    let controller = Controller::new(scoped::<EventWorker>(&client, ns), watcher::Config::default());
     let store = controller.store();
     controller
-        .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Service>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), watcher::Config::default())
-        .watches(Api::<Secret>::all(client.clone()), watcher::Config::default(), move |secret: Secret| {
+        .owns(scoped::<Deployment>(&client, ns), watcher::Config::default())
+        .owns(scoped::<Service>(&client, ns), watcher::Config::default())
+        .owns(scoped::<PodDisruptionBudget>(&client, ns), watcher::Config::default())
+        .watches(scoped::<Secret>(&client, ns), watcher::Config::default(), move |secret: Secret| {
             // A change of a referenced Secret re-renders the config hash (and rolls the pods).
             let ns = secret.namespace();
             let name = secret.name_any();

@@ -30,6 +30,12 @@ struct Args {
     /// Seconds a leader's lease lasts without renewal.
     #[arg(long, env = "LEASE_DURATION", default_value_t = 15)]
     lease_duration: u64,
+    /// Seconds between looks at a healthy EventWorker (lag, readiness).
+    #[arg(long, env = "RESYNC_SECONDS", default_value_t = 30)]
+    resync_seconds: u64,
+    /// Only reconcile EventWorkers in this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -153,7 +159,9 @@ async fn main() -> anyhow::Result<()> {
             stop.cancel();
         }
     });
-    controller::run(Arc::new(Context::new(client, metrics)), stop).await;
+    let mut ctx = Context::new(client, metrics);
+    ctx.resync = Duration::from_secs(args.resync_seconds.max(1));
+    controller::run(Arc::new(ctx), stop, args.watch_namespace.filter(|n| !n.is_empty())).await;
     if lost.is_cancelled() {
         anyhow::bail!("leadership lost");
     }

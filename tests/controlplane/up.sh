@@ -18,8 +18,22 @@ build() { # name module-dir package
     rm -f "$bin/.$1".*; touch "$stamp"
   fi
 }
+source "$here/versions.env"
 build etcd etcd .
-build kube-apiserver kube k8s.io/kubernetes/cmd/kube-apiserver
+for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do build "$c" kube "k8s.io/kubernetes/cmd/$c"; done
+install_tool() { # name package version
+  if [ ! -x "$bin/$1" ] || [ ! -e "$bin/.$1.$3" ]; then
+    echo "installing $1 $3 (cached in $bin)" >&2
+    GOBIN="$bin" go install "$2@$3" || { echo "installing $1 failed" >&2; exit 1; }
+    rm -f "$bin/.$1".*; touch "$bin/.$1.$3"
+  fi
+}
+install_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
+install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+# Third-party CRDs, from the projects' own Go modules.
+moddir() { (cd "$here/etcd" && GOFLAGS=-mod=mod go mod download -json "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])'); }
+servicemonitor_crd="$(moddir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
+scaledobject_crd="$(moddir "github.com/kedacore/keda/v2@$KEDA_VERSION")/config/crd/bases/keda.sh_scaledobjects.yaml"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 fail() { echo "control plane: $1 did not come up; its log:" >&2; tail -n 60 "$dir/$1.log" >&2; exit 1; }
@@ -62,7 +76,8 @@ for _ in $(seq 300); do
 done
 [ -n "$ok" ] || fail kube-apiserver
 
-cat > "$dir/kubeconfig" <<KC
+kc="$dir/kubeconfig"
+cat > "$kc" <<KC
 apiVersion: v1
 kind: Config
 clusters:
@@ -76,4 +91,41 @@ contexts:
   context: {cluster: test, user: admin, namespace: default}
 current-context: test
 KC
-echo "export KUBECONFIG=$dir/kubeconfig"
+
+start() { # name args...
+  local name="$1"; shift
+  "$bin/$name" "$@" > "$dir/$name.log" 2>&1 &
+  echo $! > "$dir/$name.pid"
+}
+start kube-controller-manager --kubeconfig "$kc" --authentication-kubeconfig "$kc" --authorization-kubeconfig "$kc" \
+  --bind-address 127.0.0.1 --secure-port "$(free_port)" --leader-elect=false --use-service-account-credentials=false \
+  --service-account-private-key-file pki/sa.key --root-ca-file pki/ca.crt \
+  --cluster-signing-cert-file pki/ca.crt --cluster-signing-key-file pki/ca.key
+start kube-scheduler --kubeconfig "$kc" --authentication-kubeconfig "$kc" --authorization-kubeconfig "$kc" \
+  --bind-address 127.0.0.1 --secure-port "$(free_port)" --leader-elect=false
+start kwok --kubeconfig "$kc" --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+  --cidr 10.244.0.1/24 --node-ip 10.244.0.1 --node-lease-duration-seconds 40
+k() { "$bin/kubectl" --kubeconfig "$kc" "$@"; }
+for c in kube-controller-manager kube-scheduler kwok; do
+  sleep 0.2; kill -0 "$(cat "$dir/$c.pid")" 2>/dev/null || fail "$c"
+done
+k apply -f - >/dev/null <<'NODE' || fail kube-apiserver
+apiVersion: v1
+kind: Node
+metadata:
+  name: kwok-node-0
+  annotations: {kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: "0"}
+  labels: {kubernetes.io/hostname: kwok-node-0, kubernetes.io/os: linux, kubernetes.io/arch: amd64, type: kwok}
+status:
+  allocatable: {cpu: "32", memory: 256Gi, pods: "110"}
+  capacity: {cpu: "32", memory: 256Gi, pods: "110"}
+NODE
+k apply --server-side -f "$servicemonitor_crd" -f "$scaledobject_crd" >/dev/null || fail kube-apiserver
+for _ in $(seq 150); do
+  [ "$(k get node kwok-node-0 -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] && break
+  sleep 0.2
+done
+[ "$(k get node kwok-node-0 -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ] || fail kwok
+for _ in $(seq 150); do k get serviceaccount default >/dev/null 2>&1 && break; sleep 0.2; done
+k get serviceaccount default >/dev/null 2>&1 || fail kube-controller-manager
+echo "export KUBECONFIG=$kc"

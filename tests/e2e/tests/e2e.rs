@@ -1,0 +1,451 @@
+//! The end-to-end suite: the operator binary against a real Kubernetes API server
+//! (`KUBECONFIG`; `tests/controlplane/up.sh` starts one, kind works too), with a real
+//! redis-server and HTTP sink. Each test works in a namespace of its own with an operator
+//! limited to it.
+
+#[path = "../../../worker/tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, meta, produce, wait_until, RedisServer, Reply, Sink};
+use eventworker_operator::EventWorker;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(90);
+
+fn kubeconfig() -> String {
+    std::env::var("KUBECONFIG").expect(
+        "the end-to-end suite needs a Kubernetes API server: eval \"$(tests/controlplane/up.sh)\" (or a kind cluster) and set KUBECONFIG",
+    )
+}
+
+fn target_dir_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent().and_then(|d| d.parent()).map(|d| d.join(name)).expect("target directory")
+}
+
+/// A namespace of our own, with the CRD installed.
+struct Env {
+    client: Client,
+    ns: String,
+}
+
+impl Env {
+    async fn new(name: &str) -> Self {
+        kubeconfig();
+        let client = Client::try_default().await.expect("connect to the API server");
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        crds.patch(
+            "eventworkers.eventworker.io",
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(EventWorker::crd()),
+        )
+        .await
+        .expect("the generated CRD is accepted");
+        wait_until("CRD established", T, || async {
+            crds.get("eventworkers.eventworker.io")
+                .await
+                .ok()
+                .and_then(|c| c.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+        })
+        .await;
+        let ns = format!("e2e-{name}-{}", free_port());
+        let nss: Api<Namespace> = Api::all(client.clone());
+        nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap())
+            .await
+            .unwrap();
+        wait_until("default service account", T, || async {
+            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &ns)
+                .get_opt("default")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        })
+        .await;
+        Self { client, ns }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn ews(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.ns, &ApiResource::erase::<EventWorker>(&()))
+    }
+
+    async fn create_ew(&self, name: &str, spec: Value) -> kube::Result<DynamicObject> {
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "eventworker.io/v1alpha1", "kind": "EventWorker",
+            "metadata": {"name": name, "namespace": self.ns}, "spec": spec,
+        }))
+        .unwrap();
+        self.ews().create(&PostParams::default(), &obj).await
+    }
+
+    async fn ew(&self, name: &str) -> EventWorker {
+        self.api::<EventWorker>().get(name).await.expect("EventWorker")
+    }
+
+    async fn condition(&self, name: &str, type_: &str) -> Option<(String, String)> {
+        let ew = self.api::<EventWorker>().get_opt(name).await.ok().flatten()?;
+        ew.status?.conditions.into_iter().find(|c| c.type_ == type_).map(|c| (c.status, c.reason))
+    }
+
+    async fn secret(&self, name: &str, key: &str, value: &str) {
+        let s: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {key: value}})).unwrap();
+        self.api::<Secret>().patch(name, &PatchParams::apply("e2e").force(), &Patch::Apply(&s)).await.unwrap();
+    }
+
+    async fn deployment_hash(&self, name: &str) -> Option<String> {
+        let d = self.api::<Deployment>().get_opt(name).await.ok()??;
+        d.spec?.template.metadata?.annotations?.get("eventworker.io/config-hash").cloned()
+    }
+
+    async fn running_pods(&self, name: &str) -> usize {
+        let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"));
+        let pods = self.api::<Pod>().list(&lp).await.map(|l| l.items).unwrap_or_default();
+        pods.iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count()
+    }
+
+    async fn cleanup(self) {
+        let nss: Api<Namespace> = Api::all(self.client.clone());
+        let _ = nss.delete(&self.ns, &DeleteParams::default()).await;
+    }
+}
+
+/// The operator binary, limited to one namespace.
+struct Operator {
+    child: Child,
+    metrics_port: u16,
+}
+
+impl Operator {
+    fn start(env: &Env, identity: &str) -> Self {
+        let bin = std::env::var("EVENTWORKER_OPERATOR_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| target_dir_bin("eventworker-operator"));
+        let metrics_port = free_port();
+        let child = Command::new(bin)
+            .env("KUBECONFIG", kubeconfig())
+            .env("WATCH_NAMESPACE", &env.ns)
+            .env("POD_NAMESPACE", &env.ns)
+            .env("POD_NAME", identity)
+            .env("LEASE_DURATION", "4")
+            .env("RESYNC_SECONDS", "2")
+            .env("METRICS_PORT", metrics_port.to_string())
+            .env("RUST_LOG", std::env::var("EW_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start eventworker-operator (cargo build -p eventworker-operator)");
+        Self { child, metrics_port }
+    }
+
+    async fn is_leader(&self) -> bool {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        match reqwest::get(url).await {
+            Ok(r) => r.text().await.unwrap_or_default().lines().any(|l| l == "eventworker_operator_leader 1"),
+            Err(_) => false,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spec(redis: &RedisServer) -> Value {
+    json!({"redis": {"host": "127.0.0.1", "port": redis.port}, "target": {"uri": "http://127.0.0.1:1/events/[EVENT_TYPE]"},
+           "streams": [{"name": "fast"}]})
+}
+
+fn kubectl(args: &[&str]) -> String {
+    let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+        .env("KUBECONFIG", kubeconfig())
+        .args(args)
+        .output()
+        .expect("kubectl on PATH (tests/controlplane/up.sh builds one)");
+    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_eventworkers_are_rejected_with_messages() {
+    let env = Env::new("cel").await;
+    let ok = json!({"redis": {"host": "r"}, "target": {"uri": "http://svc/events"}});
+    env.create_ew("valid", ok.clone()).await.expect("a valid EventWorker is accepted");
+    let defaults = env.ew("valid").await;
+    assert_eq!(defaults.spec.group, "workers", "schema defaults applied");
+    let cases = [
+        (
+            json!({"redis": {"host": "r", "url": "redis://r"}, "target": {"uri": "http://svc"}}),
+            "redis: set exactly one of url and host",
+        ),
+        (json!({"redis": {"url": "http://r"}, "target": {"uri": "http://svc"}}), "redis.url must start with redis://"),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "ftp://svc"}}),
+            "target.uri must start with http:// or https://",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "deadLetter": {"mode": "http"}}),
+            "deadLetter.httpUri is required",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "deadLetter": {"mode": "console", "httpUri": "http://d"}}),
+            "deadLetter.httpUri is required with mode http and only allowed with it",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "streams": [{"name": "a b"}]}),
+            "stream names are letters",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "streams": [{"name": "a"}, {"name": "a"}]}),
+            "stream names must be unique",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "autoscaling": {"minReplicas": 4, "maxReplicas": 2}}),
+            "autoscaling.minReplicas must not be greater",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "deadLetter": {"mode": "sql", "sql": {"connectionSecretRef": {"name": "s", "key": "k"}, "table": "dlq; drop"}}}),
+            "deadLetter.sql.table must be a SQL identifier",
+        ),
+    ];
+    for (i, (spec, message)) in cases.into_iter().enumerate() {
+        match env.create_ew(&format!("bad-{i}"), spec).await {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "{}", e.message);
+                assert!(e.message.contains(message), "case {i}: expected {message:?} in {:?}", e.message);
+            }
+            other => panic!("case {i} ({message}) was not rejected: {other:?}"),
+        }
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_ready_rollouts_scale_and_garbage_collection() {
+    let env = Env::new("life").await;
+    let redis = RedisServer::start();
+    let _op = Operator::start(&env, "op-life");
+    env.secret("hooks", "secret", "first").await;
+    let mut s = spec(&redis);
+    s["replicas"] = json!(2);
+    s["target"]["signingSecretRef"] = json!({"name": "hooks", "key": "secret"});
+    s["disruptionBudget"] = json!({"maxUnavailable": 1});
+    env.create_ew("orders", s).await.unwrap();
+
+    wait_until("two pods Running (kwok)", T, || async { env.running_pods("orders").await == 2 }).await;
+    wait_until("status Ready", T, || async {
+        env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into())
+    })
+    .await;
+    let ew = env.ew("orders").await;
+    assert_eq!(ew.status.as_ref().unwrap().observed_generation, ew.metadata.generation);
+    assert_eq!(ew.status.as_ref().unwrap().ready_replicas, 2);
+    assert!(env.api::<Service>().get_opt("orders").await.unwrap().is_some());
+    assert!(env.api::<PodDisruptionBudget>().get_opt("orders").await.unwrap().is_some());
+
+    let table = kubectl(&["get", "ew", "-n", &env.ns]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "READY", "REPLICAS", "LAG", "AGE"], "{table}");
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..4], ["orders", "True", "2", "0"], "{table}");
+
+    // A spec change rolls the Deployment.
+    let h1 = env.deployment_hash("orders").await.unwrap();
+    let patch = json!({"spec": {"target": {"uri": "http://127.0.0.1:2/v2/[EVENT_TYPE]"}}});
+    env.ews().patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    wait_until("template hash changed by the spec", T, || async {
+        env.deployment_hash("orders").await.is_some_and(|h| h != h1)
+    })
+    .await;
+    wait_until("a new ReplicaSet", T, || async {
+        env.api::<ReplicaSet>().list(&ListParams::default()).await.map(|l| l.items.len()).unwrap_or(0) >= 2
+    })
+    .await;
+    // So does a change of a referenced Secret.
+    let h2 = env.deployment_hash("orders").await.unwrap();
+    env.secret("hooks", "secret", "second").await;
+    wait_until("template hash changed by the Secret", T, || async {
+        env.deployment_hash("orders").await.is_some_and(|h| h != h2)
+    })
+    .await;
+
+    // The scale subresource.
+    kubectl(&["scale", "ew", "orders", "-n", &env.ns, "--replicas=3"]);
+    wait_until("Deployment scaled to 3", T, || async {
+        env.api::<Deployment>().get("orders").await.ok().and_then(|d| d.spec).and_then(|s| s.replicas) == Some(3)
+    })
+    .await;
+    wait_until("three pods Running", T, || async { env.running_pods("orders").await == 3 }).await;
+
+    // Deleting the EventWorker garbage-collects its children.
+    env.ews().delete("orders", &DeleteParams::foreground()).await.unwrap();
+    wait_until("children collected", T, || async {
+        env.api::<Deployment>().get_opt("orders").await.unwrap().is_none()
+            && env.api::<Service>().get_opt("orders").await.unwrap().is_none()
+            && env.api::<PodDisruptionBudget>().get_opt("orders").await.unwrap().is_none()
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_degrades_and_recovers() {
+    let env = Env::new("redis").await;
+    let mut redis = RedisServer::start();
+    let _op = Operator::start(&env, "op-redis");
+    env.create_ew("orders", spec(&redis)).await.unwrap();
+    wait_until("Ready", T, || async { env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into()) })
+        .await;
+    redis.stop();
+    wait_until("Degraded: RedisUnreachable", T, || async {
+        env.condition("orders", "Degraded").await == Some(("True".into(), "RedisUnreachable".into()))
+    })
+    .await;
+    assert_eq!(env.condition("orders", "Ready").await.map(|c| c.1), Some("RedisUnreachable".into()));
+    redis.restart();
+    wait_until("Ready again", T, || async {
+        env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into())
+    })
+    .await;
+    assert_eq!(env.condition("orders", "Degraded").await.map(|c| c.0), Some("False".into()));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_elect_one_leader_and_a_restart_converges() {
+    let env = Env::new("leader").await;
+    let redis = RedisServer::start();
+    let mut a = Operator::start(&env, "op-a");
+    let mut b = Operator::start(&env, "op-b");
+    wait_until("one leader", T, || async { a.is_leader().await ^ b.is_leader().await }).await;
+    let leases: Api<Lease> = env.api();
+    let holder = leases.get("eventworker-operator").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    let a_leads = a.is_leader().await;
+    assert_eq!(holder, if a_leads { "op-a" } else { "op-b" }, "the Lease names the replica that leads");
+    let (leader, standby) = if a_leads { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    env.create_ew("orders", spec(&redis)).await.unwrap();
+    wait_until("reconciled by the leader", T, || async {
+        env.api::<Deployment>().get_opt("orders").await.unwrap().is_some()
+    })
+    .await;
+    assert!(!standby.is_leader().await, "the standby does not lead while the leader lives");
+
+    // The leader dies; the standby takes over and reconciles what changed meanwhile.
+    leader.kill();
+    let patch = json!({"spec": {"streams": [{"name": "fast"}, {"name": "slow"}]}});
+    env.ews().patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    wait_until("standby leads", T, || async { standby.is_leader().await }).await;
+    wait_until("change reconciled after the failover", T, || async {
+        let d = env.api::<Deployment>().get("orders").await.unwrap();
+        let env_vars = d.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap_or_default();
+        env_vars.iter().any(|e| e.name == "STREAMS" && e.value.as_deref() == Some("fast,slow"))
+    })
+    .await;
+    wait_until("status caught up", T, || async {
+        let ew = env.ew("orders").await;
+        ew.status.and_then(|s| s.observed_generation) == ew.metadata.generation
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendered_environment_is_the_workers_contract() {
+    let env = Env::new("contract").await;
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|_, _| Reply::ok());
+    let _op = Operator::start(&env, "op-contract");
+    env.secret("hooks", "secret", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").await;
+    let mut s = spec(&redis);
+    s["target"] = json!({"uri": sink.url("/events/[EVENT_TYPE]"), "signingSecretRef": {"name": "hooks", "key": "secret"}, "headers": {"X-Source": "e2e"}});
+    s["metrics"] = json!({"serviceMonitor": {"enabled": true, "interval": "15s"}});
+    env.create_ew("orders", s).await.unwrap();
+    wait_until("Deployment rendered", T, || async {
+        env.api::<Deployment>().get_opt("orders").await.unwrap().is_some()
+    })
+    .await;
+
+    // The ServiceMonitor was accepted by the real prometheus-operator CRD.
+    let sms: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.ns,
+        &eventworker_operator::resources::service_monitor::api_resource(),
+    );
+    wait_until("ServiceMonitor created", T, || async { sms.get_opt("orders").await.ok().flatten().is_some() }).await;
+
+    // Run the worker binary locally with exactly the Deployment's environment.
+    let d = env.api::<Deployment>().get("orders").await.unwrap();
+    let container = d.spec.unwrap().template.spec.unwrap().containers[0].clone();
+    let mut vars = BTreeMap::new();
+    for e in container.env.unwrap_or_default() {
+        let value = match (e.value, e.value_from) {
+            (Some(v), _) => v,
+            (None, Some(src)) if src.secret_key_ref.is_some() => {
+                let r = src.secret_key_ref.unwrap();
+                let secret = env.api::<Secret>().get(&r.name).await.unwrap();
+                String::from_utf8(secret.data.unwrap()[&r.key].0.clone()).unwrap()
+            }
+            (None, Some(src)) if src.field_ref.is_some() => "orders-pod-0".into(),
+            other => panic!("{}: unsupported env source {other:?}", e.name),
+        };
+        vars.insert(e.name, value);
+    }
+    // The pod's port 9000 is the worker's; locally another process may hold it.
+    vars.insert("METRICS_PORT".into(), free_port().to_string());
+    let mut worker = Command::new(common::worker_bin())
+        .env_clear()
+        .envs(&vars)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("worker binary");
+    let mut con = redis.con().await;
+    produce(
+        &mut con,
+        "events:fast",
+        &(0..20).map(|i| (meta(format!("c{i}"), "order.placed"), b"{}".to_vec())).collect::<Vec<_>>(),
+    )
+    .await;
+    wait_until("delivered by the worker configured by the operator", T, || async {
+        sink.delivered_ids("/events/order.placed").len() == 20
+    })
+    .await;
+    let r = sink.posts("/events/order.placed").pop().unwrap();
+    assert_eq!(r.header("x-source"), Some("e2e"));
+    assert!(r.header("webhook-signature").is_some_and(|s| s.starts_with("v1,")));
+    let _ = worker.kill();
+    let _ = worker.wait();
+    env.cleanup().await;
+}
