@@ -429,6 +429,7 @@ async fn the_rendered_environment_is_the_workers_contract() {
         .envs(&vars)
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("worker binary");
     let mut con = redis.con().await;
@@ -447,5 +448,32 @@ async fn the_rendered_environment_is_the_workers_contract() {
     assert!(r.header("webhook-signature").is_some_and(|s| s.starts_with("v1,")));
     let _ = worker.kill();
     let _ = worker.wait();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_restarted_mid_way_converges() {
+    let env = Env::new("restart").await;
+    let redis = RedisServer::start();
+    let mut op = Operator::start(&env, "op-1");
+    env.create_ew("orders", spec(&redis)).await.unwrap();
+    wait_until("Ready", T, || async { env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into()) })
+        .await;
+    op.kill();
+    // Changes while no operator runs.
+    let patch = json!({"spec": {"replicas": 2, "retry": {"maxAttempts": 9}}});
+    env.ews().patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let _op = Operator::start(&env, "op-1");
+    wait_until("converged after the restart", T, || async {
+        let ew = env.ew("orders").await;
+        let d = env.api::<Deployment>().get("orders").await.unwrap();
+        let spec = d.spec.unwrap();
+        let vars = spec.template.spec.unwrap().containers[0].env.clone().unwrap_or_default();
+        spec.replicas == Some(2)
+            && vars.iter().any(|e| e.name == "MAX_ATTEMPTS" && e.value.as_deref() == Some("9"))
+            && ew.status.as_ref().and_then(|s| s.observed_generation) == ew.metadata.generation
+    })
+    .await;
+    wait_until("two pods Running", T, || async { env.running_pods("orders").await == 2 }).await;
     env.cleanup().await;
 }
