@@ -208,8 +208,11 @@ fn condition_reason<'a>(ew: &'a EventWorker, type_: &str) -> Option<&'a str> {
 async fn patch_status(ctx: &Context, ew: &EventWorker, ns: &str, status: serde_json::Value) -> Result<()> {
     let api: Api<EventWorker> = Api::namespaced(ctx.client.clone(), ns);
     let body = json!({"apiVersion": "eventworker.io/v1alpha1", "kind": "EventWorker", "status": status});
-    api.patch_status(&ew.name_any(), &apply_params(), &Patch::Apply(&body)).await?;
-    Ok(())
+    match api.patch_status(&ew.name_any(), &apply_params(), &Patch::Apply(&body)).await {
+        // Deleted while we reconciled: nothing to report on.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other.map(|_| ()).map_err(Error::from),
+    }
 }
 
 async fn patch_invalid_status(ctx: &Context, ew: &EventWorker, ns: &str, why: &str) -> Result<()> {

@@ -9,12 +9,18 @@ cache="${EVENTWORKER_CACHE:-$HOME/.cache/eventworker}"
 bin="$cache/bin"
 dir="${CONTROLPLANE_DIR:-/tmp/eventworker-controlplane}"
 
+kube_version=$(awk '$1 == "k8s.io/kubernetes" {print $2; exit}' "$here/kube/go.mod" | head -1)
+kube_version=${kube_version:-$(grep -o 'k8s.io/kubernetes v[0-9.]*' "$here/kube/go.mod" | head -1 | cut -d' ' -f2)}
+minor=$(echo "$kube_version" | cut -d. -f2)
+# Version stamps the release build would set (helm and clients check them).
+ldflags="-X k8s.io/component-base/version.gitVersion=$kube_version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+ldflags="$ldflags -X k8s.io/client-go/pkg/version.gitVersion=$kube_version -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
 build() { # name module-dir package
-  local stamp="$bin/.$1.$(sha256sum "$here/$2/go.mod" | cut -c1-16)"
+  local stamp="$bin/.$1.$( (cat "$here/$2/go.mod"; echo "$ldflags") | sha256sum | cut -c1-16)"
   if [ ! -x "$bin/$1" ] || [ ! -e "$stamp" ]; then
     echo "building $1 (first use of this version; cached in $bin)" >&2
     mkdir -p "$bin"
-    (cd "$here/$2" && GOFLAGS=-mod=mod go build -o "$bin/$1" "$3") || { echo "building $1 failed" >&2; exit 1; }
+    (cd "$here/$2" && GOFLAGS=-mod=mod go build -ldflags "$ldflags" -o "$bin/$1" "$3") || { echo "building $1 failed" >&2; exit 1; }
     rm -f "$bin/.$1".*; touch "$stamp"
   fi
 }

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt};
+use kube::{Client, CustomResourceExt, ResourceExt};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(90);
@@ -475,5 +475,91 @@ async fn an_operator_restarted_mid_way_converges() {
     })
     .await;
     wait_until("two pods Running", T, || async { env.running_pods("orders").await == 2 }).await;
+    env.cleanup().await;
+}
+
+fn helm(args: &[&str]) -> String {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/eventworker-operator");
+    let args: Vec<&str> = args.iter().map(|a| if *a == "CHART" { chart } else { a }).collect();
+    let out = Command::new(std::env::var("HELM").unwrap_or_else(|_| "helm".into()))
+        .env("KUBECONFIG", kubeconfig())
+        .args(&args)
+        .output()
+        .expect("helm on PATH (tests/controlplane/up.sh builds one)");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_upgrade_and_uninstall_keeps_crds_and_eventworkers() {
+    let env = Env::new("helm").await;
+    let release = "ew";
+    // The CRD already exists (other tests share it): let the release adopt it, as an
+    // upgrade from a manual install would.
+    kubectl(&["label", "crd", "eventworkers.eventworker.io", "app.kubernetes.io/managed-by=Helm", "--overwrite"]);
+    kubectl(&[
+        "annotate",
+        "crd",
+        "eventworkers.eventworker.io",
+        &format!("meta.helm.sh/release-name={release}"),
+        &format!("meta.helm.sh/release-namespace={}", env.ns),
+        "--overwrite",
+    ]);
+    let notes = helm(&[
+        "install",
+        release,
+        "CHART",
+        "-n",
+        &env.ns,
+        "--set",
+        &format!("watchNamespace={}", env.ns),
+        "--wait",
+        "--timeout",
+        "90s",
+    ]);
+    assert!(notes.contains("kubectl get ew"), "NOTES tell the user what to do next: {notes}");
+    let deploys: Api<Deployment> = env.api();
+    let d = deploys.get("ew-eventworker-operator").await.expect("operator Deployment installed");
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+    let crd_keep =
+        Api::<CustomResourceDefinition>::all(env.client.clone()).get("eventworkers.eventworker.io").await.unwrap();
+    assert_eq!(crd_keep.annotations().get("helm.sh/resource-policy").map(String::as_str), Some("keep"));
+
+    // An upgrade that changes a value.
+    helm(&[
+        "upgrade",
+        release,
+        "CHART",
+        "-n",
+        &env.ns,
+        "--set",
+        &format!("watchNamespace={}", env.ns),
+        "--set",
+        "replicaCount=2",
+        "--wait",
+        "--timeout",
+        "90s",
+    ]);
+    wait_until("two operator replicas", T, || async {
+        deploys.get("ew-eventworker-operator").await.ok().and_then(|d| d.spec).and_then(|s| s.replicas) == Some(2)
+    })
+    .await;
+
+    // Uninstall leaves the CRD and the users' EventWorkers in place.
+    env.create_ew("kept", json!({"redis": {"host": "r"}, "target": {"uri": "http://svc/e"}})).await.unwrap();
+    helm(&["uninstall", release, "-n", &env.ns, "--wait"]);
+    wait_until("operator removed", T, || async { deploys.get_opt("ew-eventworker-operator").await.unwrap().is_none() })
+        .await;
+    assert!(Api::<CustomResourceDefinition>::all(env.client.clone())
+        .get_opt("eventworkers.eventworker.io")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(env.ews().get_opt("kept").await.unwrap().is_some(), "EventWorkers survive the uninstall");
     env.cleanup().await;
 }
