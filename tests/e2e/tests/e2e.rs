@@ -183,7 +183,9 @@ impl Drop for Operator {
 }
 
 fn spec(redis: &RedisServer) -> Value {
-    json!({"redis": {"host": "127.0.0.1", "port": redis.port}, "target": {"uri": "http://127.0.0.1:1/events/[EVENT_TYPE]"},
+    // On kind, pods reach the test's Redis through the host's address on the kind network.
+    let host = std::env::var("E2E_REDIS_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    json!({"redis": {"host": host, "port": redis.port}, "target": {"uri": "http://127.0.0.1:1/events/[EVENT_TYPE]"},
            "streams": [{"name": "fast"}]})
 }
 

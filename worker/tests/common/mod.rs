@@ -68,8 +68,10 @@ impl RedisServer {
         } else {
             ["--appendonly", "no", "--appendfsync", "no"]
         };
+        // Loopback only, unless a suite needs it reachable from a kind cluster.
+        let bind = std::env::var("EW_REDIS_BIND").unwrap_or_else(|_| "127.0.0.1".into());
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--port", &self.port.to_string(), "--bind", &bind, "--protected-mode", "no", "--save", ""])
             .args(aof)
             .arg("--dir")
             .arg(&self.dir)
