@@ -143,12 +143,16 @@ struct Operator {
 
 impl Operator {
     fn start(env: &Env, identity: &str) -> Self {
+        Self::start_with(env, identity, &kubeconfig())
+    }
+
+    fn start_with(env: &Env, identity: &str, kubeconfig: &str) -> Self {
         let bin = std::env::var("EVENTWORKER_OPERATOR_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| target_dir_bin("eventworker-operator"));
         let metrics_port = free_port();
         let child = Command::new(bin)
-            .env("KUBECONFIG", kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("WATCH_NAMESPACE", &env.ns)
             .env("POD_NAMESPACE", &env.ns)
             .env("POD_NAME", identity)
@@ -563,5 +567,67 @@ async fn helm_install_upgrade_and_uninstall_keeps_crds_and_eventworkers() {
         .unwrap()
         .is_some());
     assert!(env.ews().get_opt("kept").await.unwrap().is_some(), "EventWorkers survive the uninstall");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_rbac_is_all_the_operator_needs() {
+    let env = Env::new("rbac").await;
+    let redis = RedisServer::start();
+    let release = format!("rbac{}", free_port());
+    helm(&[
+        "install",
+        &release,
+        "CHART",
+        "-n",
+        &env.ns,
+        "--set",
+        &format!("watchNamespace={}", env.ns),
+        "--set",
+        "crds.install=false",
+    ]);
+    // Act as the chart's service account: only its RBAC applies.
+    let sa = format!("system:serviceaccount:{}:{release}-eventworker-operator", env.ns);
+    let admin = std::fs::read_to_string(kubeconfig()).unwrap();
+    let impersonating =
+        admin.replace("user: {client-certificate:", &format!("user: {{as: \"{sa}\", client-certificate:"));
+    assert_ne!(admin, impersonating, "kubeconfig user entry rewritten");
+    let path = std::env::temp_dir().join(format!("{}.kubeconfig", env.ns));
+    std::fs::write(&path, impersonating).unwrap();
+    let _op = Operator::start_with(&env, "op-rbac", path.to_str().unwrap());
+
+    env.secret("hooks", "secret", "s").await;
+    let mut s = spec(&redis);
+    s["target"]["signingSecretRef"] = json!({"name": "hooks", "key": "secret"});
+    s["metrics"] = json!({"serviceMonitor": {"enabled": true}});
+    s["disruptionBudget"] = json!({"maxUnavailable": 1});
+    env.create_ew("orders", s).await.unwrap();
+    wait_until("Ready under the chart's RBAC", T, || async {
+        env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into())
+    })
+    .await;
+    let sms: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.ns,
+        &eventworker_operator::resources::service_monitor::api_resource(),
+    );
+    assert!(sms.get_opt("orders").await.unwrap().is_some(), "ServiceMonitor applied");
+    assert!(env.api::<PodDisruptionBudget>().get_opt("orders").await.unwrap().is_some(), "PDB applied");
+    let lease: Api<Lease> = env.api();
+    assert_eq!(
+        lease.get("eventworker-operator").await.unwrap().spec.unwrap().holder_identity.as_deref(),
+        Some("op-rbac")
+    );
+    // Switching the PDB off deletes it, which the Role also allows.
+    env.ews()
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"disruptionBudget": null}})))
+        .await
+        .unwrap();
+    wait_until("PDB removed", T, || async {
+        env.api::<PodDisruptionBudget>().get_opt("orders").await.unwrap().is_none()
+    })
+    .await;
+    helm(&["uninstall", &release, "-n", &env.ns]);
+    let _ = std::fs::remove_file(path);
     env.cleanup().await;
 }
