@@ -109,6 +109,18 @@ impl Env {
         ew.status?.conditions.into_iter().find(|c| c.type_ == type_).map(|c| (c.status, c.reason))
     }
 
+    async fn wait_ready(&self, name: &str, what: &str) {
+        wait_until(what, T, || async { self.condition(name, "Ready").await.map(|c| c.0) == Some("True".into()) }).await;
+    }
+
+    fn service_monitors(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.ns,
+            &eventworker_operator::resources::service_monitor::api_resource(),
+        )
+    }
+
     async fn secret(&self, name: &str, key: &str, value: &str) {
         let s: Secret =
             serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {key: value}})).unwrap();
@@ -270,10 +282,7 @@ async fn lifecycle_ready_rollouts_scale_and_garbage_collection() {
     env.create_ew("orders", s).await.unwrap();
 
     wait_until("two pods Running (kwok)", T, || async { env.running_pods("orders").await == 2 }).await;
-    wait_until("status Ready", T, || async {
-        env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into())
-    })
-    .await;
+    env.wait_ready("orders", "status Ready").await;
     let ew = env.ew("orders").await;
     assert_eq!(ew.status.as_ref().unwrap().observed_generation, ew.metadata.generation);
     assert_eq!(ew.status.as_ref().unwrap().ready_replicas, 2);
@@ -331,8 +340,7 @@ async fn redis_unreachable_degrades_and_recovers() {
     let mut redis = RedisServer::start();
     let _op = Operator::start(&env, "op-redis");
     env.create_ew("orders", spec(&redis)).await.unwrap();
-    wait_until("Ready", T, || async { env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into()) })
-        .await;
+    env.wait_ready("orders", "Ready").await;
     redis.stop();
     wait_until("Degraded: RedisUnreachable", T, || async {
         env.condition("orders", "Degraded").await == Some(("True".into(), "RedisUnreachable".into()))
@@ -340,10 +348,7 @@ async fn redis_unreachable_degrades_and_recovers() {
     .await;
     assert_eq!(env.condition("orders", "Ready").await.map(|c| c.1), Some("RedisUnreachable".into()));
     redis.restart();
-    wait_until("Ready again", T, || async {
-        env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into())
-    })
-    .await;
+    env.wait_ready("orders", "Ready again").await;
     assert_eq!(env.condition("orders", "Degraded").await.map(|c| c.0), Some("False".into()));
     env.cleanup().await;
 }
@@ -404,11 +409,7 @@ async fn the_rendered_environment_is_the_workers_contract() {
     .await;
 
     // The ServiceMonitor was accepted by the real prometheus-operator CRD.
-    let sms: Api<DynamicObject> = Api::namespaced_with(
-        env.client.clone(),
-        &env.ns,
-        &eventworker_operator::resources::service_monitor::api_resource(),
-    );
+    let sms = env.service_monitors();
     wait_until("ServiceMonitor created", T, || async { sms.get_opt("orders").await.ok().flatten().is_some() }).await;
 
     // Run the worker binary locally with exactly the Deployment's environment.
@@ -463,8 +464,7 @@ async fn an_operator_restarted_mid_way_converges() {
     let redis = RedisServer::start();
     let mut op = Operator::start(&env, "op-1");
     env.create_ew("orders", spec(&redis)).await.unwrap();
-    wait_until("Ready", T, || async { env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into()) })
-        .await;
+    env.wait_ready("orders", "Ready").await;
     op.kill();
     // Changes while no operator runs.
     let patch = json!({"spec": {"replicas": 2, "retry": {"maxAttempts": 9}}});
@@ -602,15 +602,8 @@ async fn the_charts_rbac_is_all_the_operator_needs() {
     s["metrics"] = json!({"serviceMonitor": {"enabled": true}});
     s["disruptionBudget"] = json!({"maxUnavailable": 1});
     env.create_ew("orders", s).await.unwrap();
-    wait_until("Ready under the chart's RBAC", T, || async {
-        env.condition("orders", "Ready").await.map(|c| c.0) == Some("True".into())
-    })
-    .await;
-    let sms: Api<DynamicObject> = Api::namespaced_with(
-        env.client.clone(),
-        &env.ns,
-        &eventworker_operator::resources::service_monitor::api_resource(),
-    );
+    env.wait_ready("orders", "Ready under the chart's RBAC").await;
+    let sms = env.service_monitors();
     assert!(sms.get_opt("orders").await.unwrap().is_some(), "ServiceMonitor applied");
     assert!(env.api::<PodDisruptionBudget>().get_opt("orders").await.unwrap().is_some(), "PDB applied");
     let lease: Api<Lease> = env.api();
