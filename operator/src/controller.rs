@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{predicates, reflector, watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
@@ -285,7 +285,15 @@ where
 pub async fn run(ctx: Arc<Context>, shutdown: tokio_util::sync::CancellationToken, namespace: Option<String>) {
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
-    let controller = Controller::new(scoped::<EventWorker>(&client, ns), watcher::Config::default());
+    // Our own status patches change the object too; only spec changes (generation) trigger a
+    // reconcile, or status writes would feed a loop. The resync keeps lag and readiness fresh.
+    let (reader, writer) = reflector::store();
+    let trigger = watcher(scoped::<EventWorker>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let controller = Controller::for_stream(trigger, reader);
     let store = controller.store();
     controller
         .owns(scoped::<Deployment>(&client, ns), watcher::Config::default())
