@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -172,7 +173,12 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     let url = status::redis_url(ew, &secrets);
     let names: Vec<String> = ew.spec.streams.iter().map(|s| s.name.clone()).collect();
     obs.redis = status::read_lag(&url, &names, &ew.spec.group, ctx.redis_timeout).await;
-    let was_degraded_by_redis = condition_reason(ew, "Degraded") == Some("RedisUnreachable");
+    // Ready says RedisUnreachable whenever Redis is (Degraded may name a weightier reason).
+    let was_degraded_by_redis = ew
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.reason == "RedisUnreachable");
     match &obs.redis {
         Err(e) if !was_degraded_by_redis => {
             publish(ctx, ew, EventType::Warning, "RedisUnreachable", e.clone(), "ReadLag").await;
@@ -199,10 +205,6 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     }
     patch_status(ctx, ew, &ns, serde_json::to_value(&new_status)?).await?;
     Ok(Action::requeue(ctx.resync))
-}
-
-fn condition_reason<'a>(ew: &'a EventWorker, type_: &str) -> Option<&'a str> {
-    ew.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_ && c.status == "True").map(|c| c.reason.as_str())
 }
 
 async fn patch_status(ctx: &Context, ew: &EventWorker, ns: &str, status: serde_json::Value) -> Result<()> {
@@ -299,17 +301,24 @@ pub async fn run(ctx: Arc<Context>, shutdown: tokio_util::sync::CancellationToke
         .owns(scoped::<Deployment>(&client, ns), watcher::Config::default())
         .owns(scoped::<Service>(&client, ns), watcher::Config::default())
         .owns(scoped::<PodDisruptionBudget>(&client, ns), watcher::Config::default())
-        .watches(scoped::<Secret>(&client, ns), watcher::Config::default(), move |secret: Secret| {
-            // A change of a referenced Secret re-renders the config hash (and rolls the pods).
-            let ns = secret.namespace();
-            let name = secret.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|ew| ew.namespace() == ns && secret_refs(&ew.spec).iter().any(|r| r.name == name))
-                .map(|ew| ObjectRef::from_obj(&*ew))
-                .collect::<Vec<_>>()
-        })
+        // Metadata only: the mapper needs names, and holding every Secret's data in memory
+        // would be both a memory and an exposure problem.
+        .watches_stream(
+            watcher(scoped::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
+                .default_backoff()
+                .touched_objects(),
+            move |secret: PartialObjectMeta<Secret>| {
+                // A change of a referenced Secret re-renders the config hash (and rolls the pods).
+                let ns = secret.namespace();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|ew| ew.namespace() == ns && secret_refs(&ew.spec).iter().any(|r| r.name == name))
+                    .map(|ew| ObjectRef::from_obj(&*ew))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -103,13 +103,14 @@ async fn main() -> anyhow::Result<()> {
     );
     // Stand by until we hold the lease.
     loop {
-        match elector.try_acquire_or_renew().await {
-            Ok(true) => break,
-            Ok(false) => {
+        match tokio::time::timeout(elector.renew_every(), elector.try_acquire_or_renew()).await {
+            Ok(Ok(true)) => break,
+            Ok(Ok(false)) => {
                 ready.store(true, Ordering::Relaxed);
                 tracing::debug!("another replica leads; standing by");
             }
-            Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "leader election failed; retrying"),
+            Err(_) => tracing::warn!("leader election timed out; retrying"),
         }
         tokio::select! {
             _ = tokio::time::sleep(elector.renew_every()) => {}
@@ -120,50 +121,41 @@ async fn main() -> anyhow::Result<()> {
     metrics.leader.set(1);
     tracing::info!(%identity, "leader: reconciling EventWorkers");
 
-    // Keep the lease; losing it stops this replica (Kubernetes restarts it as a standby).
-    let lost = CancellationToken::new();
+    // Keep the lease. If it cannot be renewed well before it could expire (2/3 of its
+    // duration, counted from the start of the last successful renewal), or another replica
+    // holds it, exit at once: a standby may take over after the full duration, and draining
+    // first could leave two leaders for a moment. Kubernetes restarts this pod as a standby.
     tokio::spawn({
-        let (lost, shutdown) = (lost.clone(), shutdown.clone());
-        let mut last_renewal = std::time::Instant::now();
-        let duration = Duration::from_secs(args.lease_duration.max(3));
+        let shutdown = shutdown.clone();
+        let deadline = Duration::from_secs(args.lease_duration.max(3)) * 2 / 3;
         async move {
+            let mut renewed_at = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(elector.renew_every()) => {}
                     _ = shutdown.cancelled() => return,
                 }
-                match elector.try_acquire_or_renew().await {
-                    Ok(true) => last_renewal = std::time::Instant::now(),
-                    Ok(false) => {
-                        tracing::error!("leader lease taken by another replica; stopping");
-                        lost.cancel();
-                        return;
+                let started = std::time::Instant::now();
+                let left = deadline.saturating_sub(renewed_at.elapsed());
+                match tokio::time::timeout(left, elector.try_acquire_or_renew()).await {
+                    Ok(Ok(true)) => renewed_at = started,
+                    Ok(Ok(false)) => {
+                        tracing::error!("leader lease taken by another replica; exiting");
+                        std::process::exit(1);
                     }
-                    Err(e) if last_renewal.elapsed() < duration => {
+                    Ok(Err(e)) if renewed_at.elapsed() < deadline => {
                         tracing::warn!(error = %e, "lease renewal failed; retrying")
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "lease could not be renewed in time; stopping");
-                        lost.cancel();
-                        return;
+                    _ => {
+                        tracing::error!("lease could not be renewed in time; exiting");
+                        std::process::exit(1);
                     }
                 }
             }
         }
     });
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let (stop, lost, shutdown) = (stop.clone(), lost.clone(), shutdown.clone());
-        async move {
-            tokio::select! { _ = lost.cancelled() => {}, _ = shutdown.cancelled() => {} }
-            stop.cancel();
-        }
-    });
     let mut ctx = Context::new(client, metrics);
     ctx.resync = Duration::from_secs(args.resync_seconds.max(1));
-    controller::run(Arc::new(ctx), stop, args.watch_namespace.filter(|n| !n.is_empty())).await;
-    if lost.is_cancelled() {
-        anyhow::bail!("leadership lost");
-    }
+    controller::run(Arc::new(ctx), shutdown, args.watch_namespace.filter(|n| !n.is_empty())).await;
     Ok(())
 }

@@ -14,5 +14,5 @@ app.kubernetes.io/name: {{ include "ewo.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- define "ewo.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create -}}{{ default (include "ewo.fullname" .) .Values.serviceAccount.name }}{{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
+{{- if .Values.serviceAccount.create -}}{{ default (include "ewo.fullname" .) .Values.serviceAccount.name }}{{- else -}}{{ required "serviceAccount.name is required when serviceAccount.create is false (the operator's RBAC is bound to it)" .Values.serviceAccount.name }}{{- end -}}
 {{- end -}}

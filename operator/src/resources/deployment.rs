@@ -181,12 +181,11 @@ fn probe(path: &str, period: i32) -> Probe {
 pub fn deployment(ew: &EventWorker, secrets: &SecretData) -> Deployment {
     let spec = &ew.spec;
     let env = worker_env(spec);
-    let mut pod_labels = labels(ew);
-    pod_labels.extend(spec.pod_labels.clone().unwrap_or_default());
+    // Ours last: user labels must not replace the ones the selector relies on.
+    let mut pod_labels = spec.pod_labels.clone().unwrap_or_default();
+    pod_labels.extend(labels(ew));
     let mut annotations = spec.pod_annotations.clone().unwrap_or_default();
     annotations.insert(CONFIG_HASH.into(), config_hash(spec, &env, secrets));
-    // With an external autoscaler (KEDA, HPA) the replica count is its to set.
-    let external_scaler = spec.autoscaling.as_ref().is_some_and(|a| a.mode != crate::crd::AutoscalingMode::Builtin);
     let container = Container {
         name: "worker".into(),
         image: Some(spec.image.clone()),
@@ -214,7 +213,9 @@ pub fn deployment(ew: &EventWorker, secrets: &SecretData) -> Deployment {
     Deployment {
         metadata: child_meta(ew),
         spec: Some(DeploymentSpec {
-            replicas: if external_scaler { None } else { Some(spec.replicas) },
+            // Autoscaling is not implemented yet: the replica count stays the spec's (leaving it
+            // out would let the API server reset it to 1).
+            replicas: Some(spec.replicas),
             selector: LabelSelector { match_labels: Some(selector_labels(ew)), match_expressions: None },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
@@ -359,9 +360,15 @@ mod tests {
     }
 
     #[test]
-    fn external_autoscalers_own_the_replica_count() {
+    fn replicas_are_kept_and_user_labels_cannot_break_the_selector() {
         let mut s = minimal();
+        s["replicas"] = json!(4);
         s["autoscaling"] = json!({"minReplicas": 1, "maxReplicas": 5, "mode": "keda"});
-        assert_eq!(deployment(&ew(s), &SecretData::new()).spec.unwrap().replicas, None);
+        s["podLabels"] = json!({"app.kubernetes.io/instance": "hijack", "team": "payments"});
+        let d = deployment(&ew(s), &SecretData::new()).spec.unwrap();
+        assert_eq!(d.replicas, Some(4));
+        let labels = d.template.metadata.unwrap().labels.unwrap();
+        assert_eq!(labels["app.kubernetes.io/instance"], "orders");
+        assert_eq!(labels["team"], "payments");
     }
 }
