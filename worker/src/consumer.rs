@@ -27,6 +27,10 @@ use crate::streams::{self, counter_key, ScheduleReq, Scripts};
 const BLOCK: Duration = Duration::from_secs(1);
 /// Most entries read per round trip.
 const READ_BATCH: usize = 256;
+/// Longest a dead-letter sink may take to accept one record.
+const SINK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events that may wait for paused hosts, per read slot.
+const PARKED_PER_SLOT: usize = 4;
 /// Longest wait for more free slots before a read, when nearly all are taken.
 const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Most entries acknowledged per round trip.
@@ -88,6 +92,8 @@ struct StreamConsumer {
     key: String,
     consumer: String,
     sem: Arc<Semaphore>,
+    /// Events waiting for a paused host without holding a read slot.
+    parked: Arc<Semaphore>,
     lanes: Mutex<HashMap<String, VecDeque<Job>>>,
     in_flight: Mutex<HashMap<String, Instant>>,
     acks: mpsc::Sender<Ack>,
@@ -108,6 +114,7 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
     let sc = Arc::new(StreamConsumer {
         consumer: w.cfg.consumer(&name),
         sem: Arc::new(Semaphore::new(w.cfg.max_in_flight_for(&name))),
+        parked: Arc::new(Semaphore::new(w.cfg.max_in_flight_for(&name) * PARKED_PER_SLOT)),
         max_in_flight: w.cfg.max_in_flight_for(&name),
         ordering: w.cfg.ordering_for(&name),
         lanes: Mutex::new(HashMap::new()),
@@ -172,6 +179,8 @@ impl StreamConsumer {
         // Start by re-reading our own pending list (entries read before a crash or restart).
         let mut own_cursor: Option<String> = Some("0".into());
         let mut next_claim = Instant::now();
+        // XAUTOCLAIM scans a bounded part of the pending list per call: keep its cursor.
+        let mut claim_cursor = "0-0".to_string();
         let mut next_touch = Instant::now() + self.touch_every();
         let mut errors = 0u32;
         while !self.stop().is_cancelled() {
@@ -213,8 +222,14 @@ impl StreamConsumer {
                 )
             } else if Instant::now() >= next_claim {
                 next_claim = Instant::now() + cfg.claim_idle / 2;
-                streams::autoclaim(&mut con, &self.key, &cfg.group, &self.consumer, cfg.claim_idle, "0-0", want).await.map(
-                    |(_, entries)| {
+                streams::autoclaim(&mut con, &self.key, &cfg.group, &self.consumer, cfg.claim_idle, &claim_cursor, want)
+                    .await
+                    .map(|(cursor, entries)| {
+                        if cursor != "0-0" {
+                            // Not at the end of the pending list: go on from there next round.
+                            next_claim = Instant::now();
+                        }
+                        claim_cursor = cursor;
                         let taken = self.not_in_flight(entries);
                         if !taken.is_empty() {
                             tracing::info!(stream = %self.key, count = taken.len(), "took over idle entries from other consumers");
@@ -287,9 +302,14 @@ impl StreamConsumer {
     /// Under load permits free up one at a time; waiting a moment for a quarter of them
     /// turns many one-entry reads into a few batched ones.
     async fn acquire_permits(&self) -> Option<Vec<OwnedSemaphorePermit>> {
-        let first = tokio::select! {
-            p = self.sem.clone().acquire_owned() => p.ok()?,
-            _ = self.stop().cancelled() => return None,
+        // Keep refreshing in-flight entries while every slot is busy, or other consumers
+        // would take over work that is still going on.
+        let first = loop {
+            tokio::select! {
+                p = self.sem.clone().acquire_owned() => break p.ok()?,
+                _ = tokio::time::sleep(self.touch_every()) => self.touch_in_flight().await,
+                _ = self.stop().cancelled() => return None,
+            }
         };
         let mut permits = vec![first];
         let enough = (self.max_in_flight / 4).clamp(1, READ_BATCH);
@@ -335,7 +355,7 @@ impl StreamConsumer {
             tracing::warn!(stream = %self.key, id = %entry.id, "pending entry no longer exists in the stream; acknowledging it");
             self.tracker.spawn(async move {
                 this.ack(&entry.id, None).await;
-                this.done(&entry.id, permit);
+                this.done(&entry.id, Some(permit));
             });
             return;
         }
@@ -343,14 +363,15 @@ impl StreamConsumer {
             Err(why) => {
                 self.tracker.spawn(async move {
                     this.dead_letter_malformed(&entry, &why.0).await;
-                    this.done(&entry.id, permit);
+                    this.done(&entry.id, Some(permit));
                 });
             }
             Ok(ev) => match event::lane(self.ordering, &ev) {
                 None => {
                     self.tracker.spawn(async move {
                         let id = ev.entry_id.clone();
-                        this.handle(ev, recovered).await;
+                        let mut permit = Some(permit);
+                        this.handle(ev, recovered, &mut permit).await;
                         this.done(&id, permit);
                     });
                 }
@@ -373,8 +394,9 @@ impl StreamConsumer {
     async fn run_lane(self: Arc<Self>, lane: String, mut job: Job) {
         loop {
             let id = job.ev.entry_id.clone();
-            self.handle(job.ev, job.recovered).await;
-            self.done(&id, job.permit);
+            let mut permit = Some(job.permit);
+            self.handle(job.ev, job.recovered, &mut permit).await;
+            self.done(&id, permit);
             let next = {
                 let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
                 let queue = lanes.get_mut(&lane);
@@ -385,7 +407,7 @@ impl StreamConsumer {
                         let rest = lanes.remove(&lane).unwrap_or_default();
                         drop(lanes);
                         for j in std::iter::once(next).chain(rest) {
-                            self.done(&j.ev.entry_id, j.permit);
+                            self.done(&j.ev.entry_id, Some(j.permit));
                         }
                         return;
                     }
@@ -399,7 +421,26 @@ impl StreamConsumer {
         }
     }
 
-    fn done(&self, id: &str, permit: OwnedSemaphorePermit) {
+    /// Wait for a paused host. With a parking slot free, the read slot is released meanwhile
+    /// and taken again afterwards; parking is bounded, so memory is too. False when stopping.
+    async fn wait_parked(&self, host: &str, permit: &mut Option<OwnedSemaphorePermit>) -> bool {
+        let stop = &self.w.shutdown.stop;
+        let Ok(parked) = self.parked.clone().try_acquire_owned() else {
+            return self.w.hosts.wait_open(host, stop).await;
+        };
+        drop(permit.take());
+        let open = self.w.hosts.wait_open(host, stop).await;
+        if open {
+            *permit = tokio::select! {
+                p = self.sem.clone().acquire_owned() => p.ok(),
+                _ = stop.cancelled() => return false,
+            };
+        }
+        drop(parked);
+        open
+    }
+
+    fn done(&self, id: &str, permit: Option<OwnedSemaphorePermit>) {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.in_flight_gauge.dec();
         drop(permit);
@@ -412,7 +453,9 @@ impl StreamConsumer {
     }
 
     /// One event to its end: delivered, scheduled, dead-lettered, or (at a hard stop) left pending.
-    async fn handle(&self, ev: Event, recovered: bool) {
+    /// `permit` is the event's read slot; it is given up while the event waits for a paused
+    /// host (parked), so that the stream's other hosts keep flowing.
+    async fn handle(&self, ev: Event, recovered: bool, permit: &mut Option<OwnedSemaphorePermit>) {
         let w = &self.w;
         let cfg = &w.cfg;
         let counter = counter_key(&self.key, ev.dlq_id());
@@ -434,7 +477,7 @@ impl StreamConsumer {
             return self.dead_letter(&ev, "invalid_url", failures + 1).await;
         };
         loop {
-            if !w.hosts.wait_open(&target.host, &w.shutdown.stop).await {
+            if !w.hosts.is_open(&target.host) && !self.wait_parked(&target.host, permit).await {
                 return; // stopping while the host is paused: leave it pending
             }
             let started = Instant::now();
@@ -559,7 +602,15 @@ impl StreamConsumer {
     async fn send_to_sink(&self, record: &DeadLetter) -> bool {
         let w = &self.w;
         for n in 1.. {
-            match w.sink.send(record).await {
+            // Bounded, and abandoned at the hard stop: a sink may hang (a row lock, a dead
+            // connection) without ever failing.
+            let sent = tokio::select! {
+                r = tokio::time::timeout(SINK_TIMEOUT, w.sink.send(record)) => {
+                    r.unwrap_or_else(|_| Err(crate::Error::DeadLetter { sink: w.sink.name(), msg: format!("no answer within {SINK_TIMEOUT:?}") }))
+                }
+                _ = w.shutdown.hard.cancelled() => return false,
+            };
+            match sent {
                 Ok(()) => {
                     if n > 1 {
                         w.health.set_dlq_error(None);

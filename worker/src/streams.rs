@@ -204,7 +204,13 @@ for _, rid in ipairs(ids) do
     end
     if target == nil or target == '' then target = ARGV[4] end
     if string.sub(target, 1, #ARGV[3]) ~= ARGV[3] then target = ARGV[3] .. target end
-    redis.call('XADD', target, '*', unpack(args))
+    if #args == 0 then args = {'meta', '{}'} end
+    -- A target that cannot take it (wrong type) must not block every later retry: the
+    -- entry goes to the fallback stream instead.
+    local ok = redis.pcall('XADD', target, '*', unpack(args))
+    if type(ok) == 'table' and ok.err then
+      redis.call('XADD', ARGV[4], '*', unpack(args))
+    end
     redis.call('XDEL', KEYS[1], rid)
     moved = moved + 1
   end

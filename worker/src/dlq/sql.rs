@@ -124,10 +124,16 @@ impl SqlSink {
                     t = self.table
                 );
                 sqlx::query(&ddl).execute(&self.pool).await.map_err(Self::err)?;
-                let extended = sqlx::query(&format!("SELECT {EXTRA_COLUMNS} FROM {} WHERE 1 = 0", self.table))
+                // Only a missing column means "the original's table"; any other error is
+                // passing and must not decide the table's shape for the life of the process.
+                let extended = match sqlx::query(&format!("SELECT {EXTRA_COLUMNS} FROM {} WHERE 1 = 0", self.table))
                     .fetch_all(&self.pool)
                     .await
-                    .is_ok();
+                {
+                    Ok(_) => true,
+                    Err(e) if e.to_string().to_ascii_lowercase().contains("column") => false,
+                    Err(e) => return Err(Self::err(e)),
+                };
                 if !extended {
                     tracing::info!(table = %self.table, "dead-letter table has only the original columns; storing id, type, reason, payload");
                 }
