@@ -226,8 +226,9 @@ impl StreamConsumer {
                     .await
                     .map(|(cursor, entries)| {
                         if cursor != "0-0" {
-                            // Not at the end of the pending list: go on from there next round.
-                            next_claim = Instant::now();
+                            // Not at the end of the pending list: go on from there soon, without
+                            // crowding out the reading of new entries.
+                            next_claim = Instant::now() + Duration::from_secs(1);
                         }
                         claim_cursor = cursor;
                         let taken = self.not_in_flight(entries);
