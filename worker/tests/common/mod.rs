@@ -278,13 +278,14 @@ pub struct Worker {
     stdout_path: PathBuf,
 }
 
-/// The worker binary: Cargo's for tests and benchmarks; for examples, `EVENTWORKER_BIN`
+/// The worker binary: `EVENTWORKER_BIN` when set, else Cargo's for tests and benchmarks,
 /// or the `eventworker` built next to the example.
 pub fn worker_bin() -> PathBuf {
-    if let Some(p) = option_env!("CARGO_BIN_EXE_eventworker") {
+    // An explicit choice wins (e.g. to benchmark another build).
+    if let Ok(p) = std::env::var("EVENTWORKER_BIN") {
         return PathBuf::from(p);
     }
-    if let Ok(p) = std::env::var("EVENTWORKER_BIN") {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_eventworker") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("own path");
