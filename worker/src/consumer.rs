@@ -422,23 +422,16 @@ impl StreamConsumer {
         }
     }
 
-    /// Wait for a paused host. With a parking slot free, the read slot is released meanwhile
-    /// and taken again afterwards; parking is bounded, so memory is too. False when stopping.
+    /// Wait for a paused host. With a parking slot free, the event trades its read slot for
+    /// it and keeps it to the end: waiting for a read slot again could deadlock behind the
+    /// events queued in its own lane, which hold the read slots. Parking is bounded, so
+    /// memory is too. False when stopping.
     async fn wait_parked(&self, host: &str, permit: &mut Option<OwnedSemaphorePermit>) -> bool {
         let stop = &self.w.shutdown.stop;
-        let Ok(parked) = self.parked.clone().try_acquire_owned() else {
-            return self.w.hosts.wait_open(host, stop).await;
-        };
-        drop(permit.take());
-        let open = self.w.hosts.wait_open(host, stop).await;
-        if open {
-            *permit = tokio::select! {
-                p = self.sem.clone().acquire_owned() => p.ok(),
-                _ = stop.cancelled() => return false,
-            };
+        if let Ok(parked) = self.parked.clone().try_acquire_owned() {
+            *permit = Some(parked);
         }
-        drop(parked);
-        open
+        self.w.hosts.wait_open(host, stop).await
     }
 
     fn done(&self, id: &str, permit: Option<OwnedSemaphorePermit>) {

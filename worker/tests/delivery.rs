@@ -437,3 +437,32 @@ async fn per_stream_ordering_overrides_the_default() {
     assert_eq!(seq("slow-"), (0..60).collect::<Vec<_>>(), "slow is strictly ordered");
     assert_ne!(seq("fast-"), (0..60).collect::<Vec<_>>(), "fast is concurrent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_host_with_one_ordering_key_resumes_in_order() {
+    let redis = RedisServer::start();
+    let down = Sink::start().await;
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = healthy.clone();
+    down.respond(
+        move |_, _| if h.load(std::sync::atomic::Ordering::SeqCst) { Reply::ok() } else { Reply::status(503) },
+    );
+    // More same-key events than read slots: the lane's queued events hold every slot while
+    // its head waits for the host.
+    let w = Worker::start(&redis, &down.url("/e"), &[("STREAMS", "fast"), ("MAX_IN_FLIGHT", "4")]);
+    w.wait_ready().await;
+    let mut con = redis.con().await;
+    let evs: Vec<_> =
+        (0..12).map(|i| (json!({"id": format!("k-{i}"), "type": "t", "orderingKey": "k"}), vec![])).collect();
+    produce(&mut con, "events:fast", &evs).await;
+    wait_until("host paused", T, || async { down.count(axum::http::Method::OPTIONS, "/") >= 1 }).await;
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_until("all delivered after the host came back", T, || async { down.delivered_ids("/e").len() == 12 }).await;
+    let order: Vec<u32> = down
+        .posts("/e")
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.header("x-event-id").unwrap().trim_start_matches("k-").parse().unwrap())
+        .collect();
+    assert_eq!(order, (0..12).collect::<Vec<_>>(), "same key, same order");
+}
