@@ -259,16 +259,10 @@ pub fn error_policy(ew: Arc<EventWorker>, err: &Error, ctx: Arc<Context>) -> Act
         }
         other => {
             tracing::warn!(name = %ew.name_any(), error = %other, "reconcile failed; retrying");
-            let jitter = rand_millis(2000);
+            let jitter = rand::random_range(0..2000);
             Action::requeue(Duration::from_secs(5).min(ctx.resync) + Duration::from_millis(jitter))
         }
     }
-}
-
-fn rand_millis(max: u64) -> u64 {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    u64::from(nanos) % max.max(1)
 }
 
 /// An Api over every namespace, or over the one the operator is limited to.

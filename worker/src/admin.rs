@@ -29,7 +29,7 @@ impl Health {
     pub fn new(streams: &[String]) -> Self {
         let h = Self::default();
         {
-            let mut g = h.groups.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = crate::lock(&h.groups);
             for s in streams {
                 g.insert(crate::config::stream_key(s), false);
             }
@@ -38,12 +38,12 @@ impl Health {
     }
 
     pub fn set_group(&self, key: &str, ok: bool) {
-        self.groups.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), ok);
+        crate::lock(&self.groups).insert(key.to_string(), ok);
     }
 
     /// Record the dead-letter sink's state; true when it just started failing.
     pub fn set_dlq_error(&self, err: Option<String>) -> bool {
-        let mut cur = self.dlq_error.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cur = crate::lock(&self.dlq_error);
         let started = cur.is_none() && err.is_some();
         *cur = err;
         started
@@ -55,12 +55,12 @@ impl Health {
         if !self.redis_ok.load(Ordering::Relaxed) {
             out.push("redis unreachable".to_string());
         }
-        for (k, ok) in self.groups.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (k, ok) in crate::lock(&self.groups).iter() {
             if !ok {
                 out.push(format!("consumer group missing on {k}"));
             }
         }
-        if let Some(e) = self.dlq_error.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(e) = crate::lock(&self.dlq_error).as_ref() {
             out.push(format!("dead-letter sink failing: {e}"));
         }
         out

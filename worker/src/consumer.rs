@@ -150,7 +150,7 @@ async fn ack_loop(w: Arc<Worker>, key: String, mut rx: mpsc::Receiver<Ack>, acki
             .await;
         if done.is_some() {
             w.metrics.ack_batch.observe(ids.len() as f64);
-            let mut set = acking.lock().unwrap_or_else(|p| p.into_inner());
+            let mut set = crate::lock(&acking);
             for id in &ids {
                 set.remove(id);
             }
@@ -278,8 +278,8 @@ impl StreamConsumer {
 
     /// Entries that are neither being worked on nor waiting for their acknowledgement.
     fn not_in_flight(&self, entries: Vec<RawEntry>) -> Vec<RawEntry> {
-        let mine = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let acking = self.acking.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = crate::lock(&self.in_flight);
+        let acking = crate::lock(&self.acking);
         entries.into_iter().filter(|e| !mine.contains_key(&e.id) && !acking.contains(&e.id)).collect()
     }
 
@@ -336,7 +336,7 @@ impl StreamConsumer {
     async fn touch_in_flight(&self) {
         let threshold = self.touch_every();
         let ids: Vec<String> = {
-            let m = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let m = crate::lock(&self.in_flight);
             m.iter().filter(|(_, t)| t.elapsed() >= threshold).map(|(id, _)| id.clone()).collect()
         };
         for chunk in ids.chunks(500) {
@@ -348,7 +348,7 @@ impl StreamConsumer {
     }
 
     fn dispatch(self: &Arc<Self>, entry: RawEntry, recovered: bool, permit: OwnedSemaphorePermit) {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(entry.id.clone(), Instant::now());
+        crate::lock(&self.in_flight).insert(entry.id.clone(), Instant::now());
         self.in_flight_gauge.inc();
         let this = self.clone();
         if entry.fields.is_none() {
@@ -378,7 +378,7 @@ impl StreamConsumer {
                 }
                 Some(lane) => {
                     let job = Job { ev, recovered, permit };
-                    let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut lanes = crate::lock(&self.lanes);
                     match lanes.get_mut(&lane) {
                         Some(queue) => queue.push_back(job),
                         None => {
@@ -399,7 +399,7 @@ impl StreamConsumer {
             self.handle(job.ev, job.recovered, &mut permit).await;
             self.done(&id, permit);
             let next = {
-                let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+                let mut lanes = crate::lock(&self.lanes);
                 let queue = lanes.get_mut(&lane);
                 match queue.and_then(|q| q.pop_front()) {
                     Some(next) if !self.stop().is_cancelled() => next,
@@ -435,13 +435,13 @@ impl StreamConsumer {
     }
 
     fn done(&self, id: &str, permit: Option<OwnedSemaphorePermit>) {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        crate::lock(&self.in_flight).remove(id);
         self.in_flight_gauge.dec();
         drop(permit);
     }
 
     async fn ack(&self, id: &str, counter: Option<String>) {
-        self.acking.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string());
+        crate::lock(&self.acking).insert(id.to_string());
         // The channel is bounded: a slow Redis slows the consumers down rather than growing memory.
         let _ = self.acks.send(Ack { id: id.to_string(), counter }).await;
     }

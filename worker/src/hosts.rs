@@ -29,7 +29,7 @@ impl HostGate {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<bool>>> {
-        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.hosts)
     }
 
     pub fn is_open(&self, host: &str) -> bool {

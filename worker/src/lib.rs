@@ -21,6 +21,11 @@ use std::time::Duration;
 
 pub use error::{Error, Result};
 
+/// Lock a mutex; a panic elsewhere while holding it does not make its data unusable here.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 use crate::admin::{AdminState, Health};
 use crate::config::Config;
 use crate::consumer::Worker;
