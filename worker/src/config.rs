@@ -19,6 +19,16 @@ pub enum Ordering {
     None,
 }
 
+/// How a host's concurrency limit is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostConcurrency {
+    /// Found by measuring: grows while latency holds, cut on push-back.
+    Adaptive,
+    /// Always the cap.
+    Fixed,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -125,6 +135,46 @@ pub struct Args {
     #[arg(long, env = "RETRY_BACKOFF", default_value_t = 5.0)]
     pub retry_backoff: f64,
 
+    /// Most requests at once to one target host (scheme, host, port), per worker process.
+    #[arg(long, env = "HOST_MAX_CONCURRENCY", default_value_t = 32)]
+    pub host_max_concurrency: usize,
+    /// Requests at once a host starts with; the adaptive limit grows from there.
+    #[arg(long, env = "HOST_INITIAL_CONCURRENCY", default_value_t = 4)]
+    pub host_initial_concurrency: usize,
+    /// Per-host concurrency: adaptive (grow while latency holds, cut on 429/5xx/timeouts)
+    /// or fixed (always HOST_MAX_CONCURRENCY).
+    #[arg(long, env = "HOST_CONCURRENCY", value_enum, default_value = "adaptive")]
+    pub host_concurrency: HostConcurrency,
+    /// Most requests per second to one target host (0: no rate limit).
+    #[arg(long, env = "HOST_RATE_LIMIT", default_value_t = 0.0)]
+    pub host_rate_limit: f64,
+    /// Most events waiting for a slot at one host; beyond, events are deferred to the
+    /// retry schedule (no attempt counted).
+    #[arg(long, env = "HOST_QUEUE", default_value_t = 256)]
+    pub host_queue: usize,
+    /// Per-host overrides as JSON: {"https://api.example.com": {"maxConcurrency": 8,
+    /// "rateLimit": 50, "concurrency": "fixed"}}.
+    #[arg(long, env = "HOST_OVERRIDES")]
+    pub host_overrides: Option<String>,
+    /// Admission priority per stream, name=N (lower first); default: the order of STREAMS.
+    #[arg(long, env = "STREAM_PRIORITY")]
+    pub stream_priority: Option<String>,
+    /// First delay after a 502/503/504, timeout or connect error, in seconds; doubles per
+    /// failed attempt, with jitter.
+    #[arg(long, env = "BACKOFF_BASE", default_value_t = 1.0)]
+    pub backoff_base: f64,
+    /// Longest such delay, in seconds.
+    #[arg(long, env = "BACKOFF_MAX", default_value_t = 60.0)]
+    pub backoff_max: f64,
+    /// Age (from meta.createdAt, else first failure) after which an event that cannot be
+    /// delivered is dead-lettered with reason max_age, in seconds.
+    #[arg(long, env = "MAX_EVENT_AGE", default_value_t = 86400.0)]
+    pub max_event_age: f64,
+    /// Lifetime of an ordered stream's lease in seconds: how soon another replica takes
+    /// over the stream when its deliverer dies without releasing it.
+    #[arg(long, env = "ORDERING_LEASE", default_value_t = 15.0)]
+    pub ordering_lease: f64,
+
     /// Runtime threads (default: one per CPU core).
     #[arg(long, env = "WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -206,6 +256,13 @@ pub struct Config {
     pub attempt_ttl: Duration,
     pub shutdown_grace: Duration,
     pub retry_backoff: Duration,
+    pub hosts: crate::hosts::HostSettings,
+    /// Admission priority per stream name (lower first).
+    pub stream_priority: BTreeMap<String, u32>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub max_event_age: Duration,
+    pub ordering_lease: Duration,
     pub log_format: LogFormat,
     pub worker_threads: Option<usize>,
     pub admin_token: Option<String>,
@@ -235,6 +292,7 @@ impl Config {
 
     pub fn from_args(a: Args) -> Result<Self> {
         let redis_url = redis_url(&a)?;
+        let hosts = host_settings(&a)?;
         let streams: Vec<String> =
             a.streams.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         if streams.is_empty() {
@@ -299,6 +357,20 @@ impl Config {
                 map.into_iter().collect()
             }
         };
+        let mut stream_priority: BTreeMap<String, u32> =
+            streams.iter().enumerate().map(|(i, s)| (s.clone(), i as u32)).collect();
+        stream_priority.extend(overrides("STREAM_PRIORITY", a.stream_priority.as_deref(), &streams, |v| {
+            v.parse::<u32>().ok()
+        })?);
+        let backoff_base = seconds("BACKOFF_BASE", a.backoff_base)?;
+        let backoff_max = seconds("BACKOFF_MAX", a.backoff_max)?;
+        if backoff_max < backoff_base {
+            return Err(bad("BACKOFF_MAX", "must not be below BACKOFF_BASE"));
+        }
+        let ordering_lease = seconds("ORDERING_LEASE", a.ordering_lease)?;
+        if ordering_lease < Duration::from_secs(1) {
+            return Err(bad("ORDERING_LEASE", "must be at least 1 second"));
+        }
         let consumer_name = a
             .consumer_name
             .or_else(|| std::env::var("POD_NAME").ok())
@@ -329,6 +401,12 @@ impl Config {
             attempt_ttl: Duration::from_secs(a.attempt_ttl.max(1)),
             shutdown_grace: seconds("SHUTDOWN_GRACE", a.shutdown_grace)?,
             retry_backoff: seconds("RETRY_BACKOFF", a.retry_backoff)?,
+            hosts,
+            stream_priority,
+            backoff_base,
+            backoff_max,
+            max_event_age: seconds("MAX_EVENT_AGE", a.max_event_age)?,
+            ordering_lease,
             log_format: a.log_format,
             admin_token: a.admin_token.filter(|t| !t.is_empty()),
             worker_threads: match a.worker_threads {
@@ -346,9 +424,74 @@ impl Config {
         self.stream_ordering.get(stream).copied().unwrap_or(self.ordering)
     }
 
+    pub fn priority_for(&self, stream: &str) -> u32 {
+        self.stream_priority.get(stream).copied().unwrap_or(u32::MAX)
+    }
+
     pub fn consumer(&self, stream: &str) -> String {
         format!("{}-{}-{}", self.consumer_prefix, stream, self.consumer_name)
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HostOverrideJson {
+    max_concurrency: Option<usize>,
+    rate_limit: Option<f64>,
+    concurrency: Option<HostConcurrency>,
+}
+
+fn host_settings(a: &Args) -> Result<crate::hosts::HostSettings> {
+    use crate::hosts::{HostOverride, HostSettings};
+    if a.host_max_concurrency == 0 {
+        return Err(bad("HOST_MAX_CONCURRENCY", "must be at least 1"));
+    }
+    if a.host_initial_concurrency == 0 {
+        return Err(bad("HOST_INITIAL_CONCURRENCY", "must be at least 1"));
+    }
+    if a.host_queue == 0 {
+        return Err(bad("HOST_QUEUE", "must be at least 1"));
+    }
+    let rate = |var, r: f64| -> Result<Option<f64>> {
+        if !r.is_finite() || r < 0.0 {
+            return Err(bad(var, format!("{r} is not a rate (requests per second, 0 for none)")));
+        }
+        Ok((r > 0.0).then_some(r))
+    };
+    let mut overrides = std::collections::HashMap::new();
+    if let Some(json) = a.host_overrides.as_deref().filter(|s| !s.trim().is_empty()) {
+        let raw: BTreeMap<String, HostOverrideJson> = serde_json::from_str(json).map_err(|e| {
+            bad("HOST_OVERRIDES", format!("must be a JSON object of host URL -> {{maxConcurrency, rateLimit, concurrency}}: {e}"))
+        })?;
+        for (host, o) in raw {
+            let url = reqwest::Url::parse(&host)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+                .ok_or_else(|| bad("HOST_OVERRIDES", format!("{host:?} is not an http(s) URL such as https://api.example.com")))?;
+            if o.max_concurrency == Some(0) {
+                return Err(bad("HOST_OVERRIDES", format!("{host}: maxConcurrency must be at least 1")));
+            }
+            let r = match o.rate_limit {
+                Some(r) => rate("HOST_OVERRIDES", r)?,
+                None => None,
+            };
+            overrides.insert(
+                crate::delivery::host_key(&url),
+                HostOverride { max: o.max_concurrency, rate: r, adaptive: o.concurrency.map(|c| c == HostConcurrency::Adaptive) },
+            );
+        }
+    }
+    Ok(HostSettings {
+        limit: crate::limiter::LimitSettings {
+            adaptive: a.host_concurrency == HostConcurrency::Adaptive,
+            initial: a.host_initial_concurrency.min(a.host_max_concurrency),
+            max: a.host_max_concurrency,
+            ..Default::default()
+        },
+        rate: rate("HOST_RATE_LIMIT", a.host_rate_limit)?,
+        queue: a.host_queue,
+        overrides,
+    })
 }
 
 fn bad(var: &'static str, msg: impl Into<String>) -> Error {
@@ -464,11 +607,11 @@ fn hostname() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use clap::CommandFactory;
 
-    fn parse(args: &[&str]) -> Result<Config> {
+    pub(crate) fn parse(args: &[&str]) -> Result<Config> {
         let mut v = vec!["eventworker"];
         v.extend_from_slice(args);
         Config::from_args(Args::try_parse_from(v).expect("clap parse"))
@@ -521,6 +664,14 @@ mod tests {
             (&["--dlq-db-connection", "sqlite://x", "--dlq-db-table", "dlq; drop table x"], "DLQ_DB_TABLE"),
             (&["--dlq-db-connection", "sqlite://x", "--event-db-table", "a-b"], "EVENT_DB_TABLE"),
             (&["--webhook-secret", "whsec_***"], "WEBHOOK_SECRET"),
+            (&["--host-max-concurrency", "0"], "HOST_MAX_CONCURRENCY"),
+            (&["--host-rate-limit=-1"], "HOST_RATE_LIMIT"),
+            (&["--host-overrides", "{\"ftp://x\": {}}"], "HOST_OVERRIDES"),
+            (&["--host-overrides", "{\"http://x\": {\"max\": 3}}"], "HOST_OVERRIDES"),
+            (&["--stream-priority", "fast=first"], "STREAM_PRIORITY"),
+            (&["--backoff-base", "10", "--backoff-max", "1"], "BACKOFF_MAX"),
+            (&["--max-event-age", "0"], "MAX_EVENT_AGE"),
+            (&["--ordering-lease", "0.1"], "ORDERING_LEASE"),
         ];
         for (args, var) in cases {
             let err = parse(args).expect_err(var).to_string();
@@ -554,6 +705,34 @@ mod tests {
             let err = parse(&args).expect_err(var).to_string();
             assert!(err.contains(var), "{err}");
         }
+    }
+
+    #[test]
+    fn flow_control_settings() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.hosts.limit.max, c.hosts.limit.initial, c.hosts.limit.adaptive), (32, 4, true));
+        assert_eq!((c.hosts.rate, c.hosts.queue), (None, 256));
+        assert_eq!(c.priority_for("critical"), 0);
+        assert_eq!(c.priority_for("slow"), 3);
+        let c = parse(&[
+            "--streams",
+            "fast,slow",
+            "--stream-priority",
+            "slow=0,fast=5",
+            "--host-concurrency",
+            "fixed",
+            "--host-max-concurrency",
+            "8",
+            "--host-rate-limit",
+            "100",
+            "--host-overrides",
+            r#"{"https://api.example.com": {"maxConcurrency": 2, "rateLimit": 5, "concurrency": "adaptive"}}"#,
+        ])
+        .unwrap();
+        assert!(c.priority_for("slow") < c.priority_for("fast"));
+        assert_eq!((c.hosts.limit.max, c.hosts.limit.adaptive, c.hosts.rate), (8, false, Some(100.0)));
+        let o = c.hosts.overrides["https://api.example.com:443"];
+        assert_eq!((o.max, o.rate, o.adaptive), (Some(2), Some(5.0), Some(true)));
     }
 
     #[test]

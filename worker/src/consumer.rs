@@ -1,5 +1,7 @@
-//! The XREADGROUP / XACK loop of one stream: own pending list recovery, takeover of dead
-//! consumers' entries, ordering lanes, and the fate of each event.
+//! The read side of one stream: XREADGROUP with read slots, own pending list recovery,
+//! takeover of dead consumers' entries, the ordering lease, ordering lanes, and batched
+//! acknowledgements. What happens to each event is `handler.rs`; this file knows neither
+//! hosts nor limits.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -8,28 +10,27 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use serde_json::Value;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Health;
-use crate::config::{stream_key, Config};
-use crate::delivery::{Deliverer, Outcome};
-use crate::dlq::{payload_text, DeadLetter, Sink};
-use crate::event::{self, Event, RawEntry, ATTEMPTS_FIELD};
-use crate::hosts::HostGate;
+use crate::config::{stream_key, Config, Ordering};
+use crate::delivery::Deliverer;
+use crate::dlq::Sink;
+use crate::event::{self, Event, RawEntry};
+use crate::hosts::Hosts;
 use crate::metrics::Metrics;
-use crate::retry::{backoff, exhausted, MAX_SCHEDULE_DELAY};
+use crate::ordering::{self, Gate, Holds};
+use crate::retry::backoff;
 use crate::shutdown::Shutdown;
-use crate::streams::{self, counter_key, ScheduleReq, Scripts};
+use crate::streams::{self, Scripts};
 
 /// How long one XREADGROUP waits for new entries; bounds how late a stop is noticed.
 const BLOCK: Duration = Duration::from_secs(1);
 /// Most entries read per round trip.
 const READ_BATCH: usize = 256;
-/// Longest a dead-letter sink may take to accept one record.
-const SINK_TIMEOUT: Duration = Duration::from_secs(30);
-/// Events that may wait for paused hosts, per read slot.
+/// Events that may wait for a host without holding a read slot, per read slot.
 const PARKED_PER_SLOT: usize = 4;
 /// Longest wait for more free slots before a read, when nearly all are taken.
 const BATCH_WAIT: Duration = Duration::from_millis(2);
@@ -40,11 +41,11 @@ const ACK_BATCH: usize = 512;
 pub struct Worker {
     pub cfg: Arc<Config>,
     pub redis: ConnectionManager,
-    pub scripts: Scripts,
+    pub scripts: Arc<Scripts>,
     pub deliverer: Deliverer,
     pub sink: Sink,
     pub metrics: Arc<Metrics>,
-    pub hosts: Arc<HostGate>,
+    pub hosts: Arc<Hosts>,
     pub health: Arc<Health>,
     pub shutdown: Shutdown,
 }
@@ -52,7 +53,7 @@ pub struct Worker {
 impl Worker {
     /// Run a Redis operation until it succeeds; None once the hard stop fired (the entry
     /// then stays pending and is recovered later).
-    async fn redis_retry<T, F, Fut>(&self, op: &'static str, mut f: F) -> Option<T>
+    pub(crate) async fn redis_retry<T, F, Fut>(&self, op: &'static str, mut f: F) -> Option<T>
     where
         F: FnMut(ConnectionManager) -> Fut,
         Fut: Future<Output = crate::Result<T>>,
@@ -75,25 +76,46 @@ impl Worker {
     }
 }
 
-struct Ack {
-    id: String,
+pub(crate) struct Ack {
+    pub id: String,
     /// Attempt counter to clear with the acknowledgement.
-    counter: Option<String>,
+    pub counter: Option<String>,
 }
 
-struct Job {
-    ev: Event,
-    recovered: bool,
-    permit: OwnedSemaphorePermit,
+/// An entry being worked on. While it lives the entry counts as in flight (kept fresh
+/// against takeover) and holds its slot; however the work ends (finished, failed, a
+/// panicking task), dropping it frees both.
+pub(crate) struct Claim {
+    sc: Arc<Stream>,
+    id: String,
+    /// A read slot, or a parking slot while waiting for a host.
+    pub slot: Option<OwnedSemaphorePermit>,
 }
 
-struct StreamConsumer {
-    w: Arc<Worker>,
-    key: String,
-    consumer: String,
+impl Drop for Claim {
+    fn drop(&mut self) {
+        crate::lock(&self.sc.in_flight).remove(&self.id);
+        self.sc.in_flight_gauge.dec();
+    }
+}
+
+pub(crate) struct Job {
+    pub ev: Event,
+    pub recovered: bool,
+    pub claim: Claim,
+}
+
+/// One stream's consumer state.
+pub(crate) struct Stream {
+    pub w: Arc<Worker>,
+    pub key: String,
+    pub consumer: String,
+    pub ordering: Ordering,
+    /// Admission priority at hosts (lower first).
+    pub priority: u32,
     sem: Arc<Semaphore>,
-    /// Events waiting for a paused host without holding a read slot.
-    parked: Arc<Semaphore>,
+    /// Events waiting for a host without holding a read slot.
+    pub parked: Arc<Semaphore>,
     lanes: Mutex<HashMap<String, VecDeque<Job>>>,
     in_flight: Mutex<HashMap<String, Instant>>,
     acks: mpsc::Sender<Ack>,
@@ -102,7 +124,9 @@ struct StreamConsumer {
     tracker: TaskTracker,
     in_flight_gauge: prometheus::IntGauge,
     max_in_flight: usize,
-    ordering: crate::config::Ordering,
+    /// Held ordering keys (ordered streams, while this worker holds the lease).
+    pub holds: Holds,
+    pub held_key: String,
 }
 
 /// Consume one stream until shutdown, then drain.
@@ -111,25 +135,51 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
     let (tx, rx) = mpsc::channel(ACK_BATCH * 4);
     let acking = Arc::new(Mutex::new(HashSet::new()));
     let acker = tokio::spawn(ack_loop(w.clone(), key.clone(), rx, acking.clone()));
-    let sc = Arc::new(StreamConsumer {
+    let (lease_key, held_key) = ordering::keys(&w.cfg.group, &key);
+    let max_in_flight = w.cfg.max_in_flight_for(&name);
+    let sc = Arc::new(Stream {
         consumer: w.cfg.consumer(&name),
-        sem: Arc::new(Semaphore::new(w.cfg.max_in_flight_for(&name))),
-        parked: Arc::new(Semaphore::new(w.cfg.max_in_flight_for(&name) * PARKED_PER_SLOT)),
-        max_in_flight: w.cfg.max_in_flight_for(&name),
+        sem: Arc::new(Semaphore::new(max_in_flight)),
+        parked: Arc::new(Semaphore::new(max_in_flight * PARKED_PER_SLOT)),
+        max_in_flight,
         ordering: w.cfg.ordering_for(&name),
+        priority: w.cfg.priority_for(&name),
         lanes: Mutex::new(HashMap::new()),
         in_flight: Mutex::new(HashMap::new()),
         acks: tx,
         acking,
         tracker: TaskTracker::new(),
         in_flight_gauge: w.metrics.in_flight.with_label_values(&[&key]),
+        holds: Holds::default(),
+        held_key,
         key,
         w,
     });
-    sc.clone().read_loop().await;
+    // Ordered streams are delivered by one consumer at a time: the holder of the lease.
+    // The lease outlives the drain, so no other worker starts on our keys meanwhile.
+    let ordered = sc.ordering != Ordering::None;
+    let (leader_tx, leader_rx) = watch::channel(!ordered);
+    let lease_done = CancellationToken::new();
+    let lease = ordered.then(|| {
+        tokio::spawn(ordering::hold_lease(
+            sc.w.redis.clone(),
+            sc.w.scripts.clone(),
+            lease_key,
+            sc.consumer.clone(),
+            sc.w.cfg.ordering_lease,
+            leader_tx,
+            lease_done.clone(),
+        ))
+    });
+    sc.clone().read_loop(leader_rx).await;
     sc.tracker.close();
     sc.tracker.wait().await;
+    lease_done.cancel();
+    if let Some(l) = lease {
+        let _ = l.await;
+    }
     let key = sc.key.clone();
+    sc.w.metrics.stream_leader.with_label_values(&[&key]).set(0);
     drop(sc);
     // All senders are gone: the acker flushes what is queued and ends.
     let _ = acker.await;
@@ -161,12 +211,23 @@ async fn ack_loop(w: Arc<Worker>, key: String, mut rx: mpsc::Receiver<Ack>, acki
     }
 }
 
-impl StreamConsumer {
-    fn stop(&self) -> &tokio_util::sync::CancellationToken {
+/// Where the next read comes from.
+struct Cursors {
+    /// Re-read our own pending list from here (after a start, a lost connection, a new lease).
+    own: Option<String>,
+    /// Take over every pending entry of other consumers first (a new lease holder).
+    claim_all: Option<String>,
+    next_claim: Instant,
+    /// XAUTOCLAIM scans a bounded part of the pending list per call: keep its cursor.
+    claim: String,
+}
+
+impl Stream {
+    fn stop(&self) -> &CancellationToken {
         &self.w.shutdown.stop
     }
 
-    async fn read_loop(self: Arc<Self>) {
+    async fn read_loop(self: Arc<Self>, mut leader: watch::Receiver<bool>) {
         let cfg = &self.w.cfg;
         let mut con = match streams::connect_lazy(&cfg.redis_url, BLOCK + Duration::from_secs(5)) {
             Ok(c) => c,
@@ -175,12 +236,12 @@ impl StreamConsumer {
                 return;
             }
         };
+        let leader_gauge = self.w.metrics.stream_leader.with_label_values(&[&self.key]);
+        let ordered = self.ordering != Ordering::None;
         let mut group_ready = false;
+        let mut was_leader = false;
         // Start by re-reading our own pending list (entries read before a crash or restart).
-        let mut own_cursor: Option<String> = Some("0".into());
-        let mut next_claim = Instant::now();
-        // XAUTOCLAIM scans a bounded part of the pending list per call: keep its cursor.
-        let mut claim_cursor = "0-0".to_string();
+        let mut cur = Cursors { own: Some("0".into()), claim_all: None, next_claim: Instant::now(), claim: "0-0".into() };
         let mut next_touch = Instant::now() + self.touch_every();
         let mut errors = 0u32;
         while !self.stop().is_cancelled() {
@@ -198,55 +259,39 @@ impl StreamConsumer {
                     }
                 }
             }
+            if ordered {
+                let is_leader = *leader.borrow_and_update();
+                if !is_leader {
+                    was_leader = false;
+                    leader_gauge.set(0);
+                    tokio::select! {
+                        _ = leader.changed() => {}
+                        _ = tokio::time::sleep(BLOCK) => {}
+                        _ = self.stop().cancelled() => {}
+                    }
+                    continue;
+                }
+                if !was_leader {
+                    // Everything a previous holder left pending goes first, in id order,
+                    // and the held keys are as it left them.
+                    if let Err(e) = self.holds.load(&mut con, &self.held_key).await {
+                        errors += 1;
+                        self.on_redis_error("load_holds", &e.to_string(), errors).await;
+                        continue;
+                    }
+                    self.w.metrics.ordering_held_keys.with_label_values(&[&self.key]).set(self.holds.len() as i64);
+                    was_leader = true;
+                    leader_gauge.set(1);
+                    cur.own = Some("0".into());
+                    cur.claim_all = Some("0-0".into());
+                }
+            }
             if Instant::now() >= next_touch {
                 self.touch_in_flight().await;
                 next_touch = Instant::now() + self.touch_every();
             }
             let Some(permits) = self.acquire_permits().await else { break };
-            let want = permits.len();
-            let result = if let Some(cursor) = own_cursor.clone() {
-                streams::read_group(&mut con, &self.key, &cfg.group, &self.consumer, &cursor, want, None).await.map(
-                    |entries| {
-                        own_cursor = entries.last().map(|e| e.id.clone());
-                        // Entries we are working on are pending too; only the others are new to us.
-                        let entries = self.not_in_flight(entries);
-                        if !entries.is_empty() {
-                            self.w
-                                .metrics
-                                .claimed
-                                .with_label_values(&[&self.key, "own_pending"])
-                                .inc_by(entries.len() as u64);
-                        }
-                        (entries, true)
-                    },
-                )
-            } else if Instant::now() >= next_claim {
-                next_claim = Instant::now() + cfg.claim_idle / 2;
-                streams::autoclaim(&mut con, &self.key, &cfg.group, &self.consumer, cfg.claim_idle, &claim_cursor, want)
-                    .await
-                    .map(|(cursor, entries)| {
-                        if cursor != "0-0" {
-                            // Not at the end of the pending list: go on from there soon, without
-                            // crowding out the reading of new entries.
-                            next_claim = Instant::now() + Duration::from_secs(1);
-                        }
-                        claim_cursor = cursor;
-                        let taken = self.not_in_flight(entries);
-                        if !taken.is_empty() {
-                            tracing::info!(stream = %self.key, count = taken.len(), "took over idle entries from other consumers");
-                            self.w.metrics.claimed.with_label_values(&[&self.key, "autoclaim"]).inc_by(taken.len() as u64);
-                            // More may be waiting: claim again next round.
-                            next_claim = Instant::now();
-                        }
-                        (taken, true)
-                    },
-                )
-            } else {
-                streams::read_group(&mut con, &self.key, &cfg.group, &self.consumer, ">", want, Some(BLOCK))
-                    .await
-                    .map(|entries| (entries, false))
-            };
-            match result {
+            match self.read_once(&mut con, &mut cur, permits.len()).await {
                 Ok((entries, recovered)) => {
                     if errors > 0 {
                         tracing::info!(stream = %self.key, "redis reachable again");
@@ -269,10 +314,69 @@ impl StreamConsumer {
                     errors += 1;
                     // A read whose reply was lost with the connection left entries in our
                     // pending list that we never saw: look there again once Redis is back.
-                    own_cursor = Some("0".into());
+                    cur.own = Some("0".into());
                     self.on_redis_error("read", &e.to_string(), errors).await;
                 }
             }
+        }
+    }
+
+    /// One read: our own pending list, then (for a new lease holder) everything pending
+    /// elsewhere, then idle entries of dead consumers now and then, else new entries.
+    /// Returns the entries and whether they are recovered ones.
+    async fn read_once(
+        &self,
+        con: &mut ConnectionManager,
+        cur: &mut Cursors,
+        want: usize,
+    ) -> Result<(Vec<RawEntry>, bool), redis::RedisError> {
+        let cfg = &self.w.cfg;
+        if let Some(cursor) = cur.own.clone() {
+            let entries = streams::read_group(con, &self.key, &cfg.group, &self.consumer, &cursor, want, None).await?;
+            cur.own = entries.last().map(|e| e.id.clone());
+            // Entries we are working on are pending too; only the others are new to us.
+            let entries = self.not_in_flight(entries);
+            self.count_claimed("own_pending", entries.len());
+            return Ok((entries, true));
+        }
+        if let Some(cursor) = cur.claim_all.clone() {
+            let (next, entries) =
+                streams::autoclaim(con, &self.key, &cfg.group, &self.consumer, Duration::ZERO, &cursor, want).await?;
+            cur.claim_all = (next != "0-0").then_some(next);
+            let taken = self.not_in_flight(entries);
+            if !taken.is_empty() {
+                tracing::info!(stream = %self.key, count = taken.len(), "took over the entries a previous lease holder left pending");
+            }
+            self.count_claimed("lease_takeover", taken.len());
+            return Ok((taken, true));
+        }
+        if Instant::now() >= cur.next_claim {
+            cur.next_claim = Instant::now() + cfg.claim_idle / 2;
+            let (next, entries) =
+                streams::autoclaim(con, &self.key, &cfg.group, &self.consumer, cfg.claim_idle, &cur.claim, want)
+                    .await?;
+            if next != "0-0" {
+                // Not at the end of the pending list: go on from there soon, without
+                // crowding out the reading of new entries.
+                cur.next_claim = Instant::now() + Duration::from_secs(1);
+            }
+            cur.claim = next;
+            let taken = self.not_in_flight(entries);
+            if !taken.is_empty() {
+                tracing::info!(stream = %self.key, count = taken.len(), "took over idle entries from other consumers");
+                // More may be waiting: claim again next round.
+                cur.next_claim = Instant::now();
+            }
+            self.count_claimed("autoclaim", taken.len());
+            return Ok((taken, true));
+        }
+        let entries = streams::read_group(con, &self.key, &cfg.group, &self.consumer, ">", want, Some(BLOCK)).await?;
+        Ok((entries, false))
+    }
+
+    fn count_claimed(&self, source: &str, n: usize) {
+        if n > 0 {
+            self.w.metrics.claimed.with_label_values(&[&self.key, source]).inc_by(n as u64);
         }
     }
 
@@ -350,13 +454,14 @@ impl StreamConsumer {
     fn dispatch(self: &Arc<Self>, entry: RawEntry, recovered: bool, permit: OwnedSemaphorePermit) {
         crate::lock(&self.in_flight).insert(entry.id.clone(), Instant::now());
         self.in_flight_gauge.inc();
+        let claim = Claim { sc: self.clone(), id: entry.id.clone(), slot: Some(permit) };
         let this = self.clone();
         if entry.fields.is_none() {
             // Listed in a pending list but deleted from the stream: nothing left to deliver.
             tracing::warn!(stream = %self.key, id = %entry.id, "pending entry no longer exists in the stream; acknowledging it");
             self.tracker.spawn(async move {
                 this.ack(&entry.id, None).await;
-                this.done(&entry.id, Some(permit));
+                drop(claim);
             });
             return;
         }
@@ -364,270 +469,80 @@ impl StreamConsumer {
             Err(why) => {
                 self.tracker.spawn(async move {
                     this.dead_letter_malformed(&entry, &why.0).await;
-                    this.done(&entry.id, Some(permit));
+                    drop(claim);
                 });
             }
-            Ok(ev) => match event::lane(self.ordering, &ev) {
-                None => {
-                    self.tracker.spawn(async move {
-                        let id = ev.entry_id.clone();
-                        let mut permit = Some(permit);
-                        this.handle(ev, recovered, &mut permit).await;
-                        this.done(&id, permit);
-                    });
-                }
-                Some(lane) => {
-                    let job = Job { ev, recovered, permit };
-                    let mut lanes = crate::lock(&self.lanes);
-                    match lanes.get_mut(&lane) {
-                        Some(queue) => queue.push_back(job),
-                        None => {
-                            lanes.insert(lane.clone(), VecDeque::new());
-                            self.tracker.spawn(this.run_lane(lane, job));
+            Ok(ev) => {
+                let job = Job { ev, recovered, claim };
+                match event::lane(self.ordering, &job.ev) {
+                    None => {
+                        self.tracker.spawn(async move { this.handle(job, None).await });
+                    }
+                    Some(lane) => {
+                        let mut lanes = crate::lock(&self.lanes);
+                        match lanes.get_mut(&lane) {
+                            Some(queue) => queue.push_back(job),
+                            None => {
+                                lanes.insert(lane.clone(), VecDeque::new());
+                                self.tracker.spawn(this.run_lane(lane, job));
+                            }
                         }
                     }
                 }
-            },
+            }
         }
     }
 
-    /// Events of one lane, one after another.
+    /// Events of one lane, one after another. Events of a held key join its waiting events
+    /// instead of being delivered (see `ordering.rs`).
     async fn run_lane(self: Arc<Self>, lane: String, mut job: Job) {
+        // However this task ends (a stop, a panic), the lane goes and what it still queues
+        // stays pending for the next owner.
+        let mut guard = LaneGuard { sc: self.clone(), lane: lane.clone(), armed: true };
         loop {
-            let id = job.ev.entry_id.clone();
-            let mut permit = Some(job.permit);
-            self.handle(job.ev, job.recovered, &mut permit).await;
-            self.done(&id, permit);
+            match self.holds.gate(&lane, job.ev.hold_token.as_deref()) {
+                Gate::Deliver => self.handle(job, Some(&lane)).await,
+                gate => self.hold_append(job, &lane, gate == Gate::WaitFront).await,
+            }
             let next = {
                 let mut lanes = crate::lock(&self.lanes);
-                let queue = lanes.get_mut(&lane);
-                match queue.and_then(|q| q.pop_front()) {
-                    Some(next) if !self.stop().is_cancelled() => next,
-                    Some(next) => {
-                        // Stopping: what has not started stays pending for the next owner.
-                        let rest = lanes.remove(&lane).unwrap_or_default();
-                        drop(lanes);
-                        for j in std::iter::once(next).chain(rest) {
-                            self.done(&j.ev.entry_id, Some(j.permit));
-                        }
-                        return;
-                    }
-                    None => {
+                match lanes.get_mut(&lane).and_then(|q| q.pop_front()) {
+                    Some(next) if !self.stop().is_cancelled() => Some(next),
+                    // Removed under the same lock that found it empty, so no event can
+                    // join a lane that is ending.
+                    _ => {
                         lanes.remove(&lane);
-                        return;
+                        None
                     }
                 }
             };
-            job = next;
+            match next {
+                Some(next) => job = next,
+                None => break,
+            }
         }
+        guard.armed = false;
     }
 
-    /// Wait for a paused host. With a parking slot free, the event trades its read slot for
-    /// it and keeps it to the end: waiting for a read slot again could deadlock behind the
-    /// events queued in its own lane, which hold the read slots. Parking is bounded, so
-    /// memory is too. False when stopping.
-    async fn wait_parked(&self, host: &str, permit: &mut Option<OwnedSemaphorePermit>) -> bool {
-        let stop = &self.w.shutdown.stop;
-        if let Ok(parked) = self.parked.clone().try_acquire_owned() {
-            *permit = Some(parked);
-        }
-        self.w.hosts.wait_open(host, stop).await
-    }
-
-    fn done(&self, id: &str, permit: Option<OwnedSemaphorePermit>) {
-        crate::lock(&self.in_flight).remove(id);
-        self.in_flight_gauge.dec();
-        drop(permit);
-    }
-
-    async fn ack(&self, id: &str, counter: Option<String>) {
+    pub(crate) async fn ack(&self, id: &str, counter: Option<String>) {
         crate::lock(&self.acking).insert(id.to_string());
         // The channel is bounded: a slow Redis slows the consumers down rather than growing memory.
         let _ = self.acks.send(Ack { id: id.to_string(), counter }).await;
     }
+}
 
-    /// One event to its end: delivered, scheduled, dead-lettered, or (at a hard stop) left pending.
-    /// `permit` is the event's read slot; it is given up while the event waits for a paused
-    /// host (parked), so that the stream's other hosts keep flowing.
-    async fn handle(&self, ev: Event, recovered: bool, permit: &mut Option<OwnedSemaphorePermit>) {
-        let w = &self.w;
-        let cfg = &w.cfg;
-        let counter = counter_key(&self.key, ev.dlq_id());
-        let mut failures = ev.prior_failures;
-        if recovered {
-            let c = &counter;
-            let Some(n) =
-                w.redis_retry("get_attempts", |mut con| async move { streams::get_failures(&mut con, c).await }).await
-            else {
-                return;
-            };
-            failures = failures.max(n);
-            if exhausted(failures, cfg.max_attempts) {
-                return self.dead_letter(&ev, "max_attempts", failures).await;
-            }
-        }
-        let Some(target) = w.deliverer.target(&ev) else {
-            w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, "invalid_url"]).inc();
-            return self.dead_letter(&ev, "invalid_url", failures + 1).await;
-        };
-        loop {
-            if !w.hosts.is_open(&target.host) && !self.wait_parked(&target.host, permit).await {
-                return; // stopping while the host is paused: leave it pending
-            }
-            let started = Instant::now();
-            let outcome = tokio::select! {
-                o = w.deliverer.deliver(&ev, &target, &self.key, failures + 1) => o,
-                _ = w.shutdown.hard.cancelled() => return,
-            };
-            w.metrics.processing_duration.with_label_values(&[&ev.event_type]).observe(started.elapsed().as_secs_f64());
-            if outcome == Outcome::Delivered {
-                w.metrics.processed.with_label_values(&[&self.key, &ev.event_type]).inc();
-                if let Some(created) = ev.created_at {
-                    let age = (event::now_unix() - created).max(0.0);
-                    w.metrics.event_age.with_label_values(&[&self.key, &ev.event_type]).observe(age);
-                }
-                let clear = (failures > 0 || recovered).then_some(counter);
-                return self.ack(&ev.entry_id, clear).await;
-            }
-            let reason = outcome.reason().to_string();
-            w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, &reason]).inc();
-            if let Outcome::DeadLetter { .. } = outcome {
-                return self.dead_letter(&ev, &reason, failures + 1).await;
-            }
-            let c = &counter;
-            let ttl = cfg.attempt_ttl;
-            let Some(n) = w
-                .redis_retry("count_attempt", |mut con| async move { streams::count_failure(&mut con, c, ttl).await })
-                .await
-            else {
-                return;
-            };
-            failures = n.max(failures + 1);
-            tracing::debug!(stream = %self.key, id = ev.dlq_id(), %reason, failures, "delivery failed");
-            if exhausted(failures, cfg.max_attempts) {
-                return self.dead_letter(&ev, &reason, failures).await;
-            }
-            match outcome {
-                Outcome::Schedule { delay, .. } => {
-                    let delay =
-                        delay.unwrap_or_else(|| backoff(cfg.retry_backoff, failures, Duration::from_secs(3600)));
-                    return self.schedule(&ev, delay, failures).await;
-                }
-                _ => w.hosts.trip(&target, &reason),
-            }
-        }
-    }
+struct LaneGuard {
+    sc: Arc<Stream>,
+    lane: String,
+    armed: bool,
+}
 
-    /// Hand the event to `events:retry` and acknowledge it, in one atomic step.
-    async fn schedule(&self, ev: &Event, delay: Duration, failures: u32) {
-        let w = &self.w;
-        let due = event::now_unix() + delay.min(MAX_SCHEDULE_DELAY).as_secs_f64();
-        let mut meta = ev.meta.clone();
-        let due_iso = time::OffsetDateTime::from_unix_timestamp_nanos((due * 1e9) as i128)
-            .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-            .unwrap_or_default();
-        meta.insert("nextAttemptAt".into(), Value::String(due_iso));
-        meta.insert(ATTEMPTS_FIELD.into(), Value::from(failures));
-        let meta_json = Value::Object(meta).to_string();
-        let timeout = ev.timeout.map(|t| t.as_secs_f64().to_string());
-        let req = ScheduleReq {
-            stream_key: &self.key,
-            group: &w.cfg.group,
-            entry_id: &ev.entry_id,
-            delete: w.cfg.delete_on_ack,
-            due_unix: due,
-            meta_json: &meta_json,
-            payload: &ev.payload,
-            timeout: timeout.as_deref().map(str::as_bytes),
-        };
-        let (scripts, req) = (&w.scripts, &req);
-        if w.redis_retry("schedule", |mut con| async move { scripts.schedule(&mut con, req).await }).await.is_some() {
-            w.metrics.retries_scheduled.with_label_values(&[&self.key]).inc();
-            tracing::debug!(stream = %self.key, id = ev.dlq_id(), delay_s = delay.as_secs_f64(), "retry scheduled");
+impl Drop for LaneGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            // Dropping the queued jobs drops their claims: slots and in-flight marks are freed.
+            let rest = crate::lock(&self.sc.lanes).remove(&self.lane);
+            drop(rest);
         }
-    }
-
-    async fn dead_letter(&self, ev: &Event, reason: &str, attempts: u32) {
-        let record = DeadLetter {
-            id: ev.dlq_id().to_string(),
-            event_type: ev.event_type.clone(),
-            reason: reason.to_string(),
-            payload: payload_text(&ev.payload),
-            stream: self.key.clone(),
-            attempts,
-            meta: Some(Value::Object(ev.meta.clone()).to_string()),
-        };
-        if self.send_to_sink(&record).await {
-            self.ack(&ev.entry_id, Some(counter_key(&self.key, ev.dlq_id()))).await;
-        }
-    }
-
-    async fn dead_letter_malformed(&self, entry: &RawEntry, why: &str) {
-        tracing::warn!(stream = %self.key, id = %entry.id, why, "malformed entry: dead-lettering it");
-        let payload = match entry.field("payload") {
-            Some(p) => payload_text(p),
-            None => {
-                let fields: serde_json::Map<String, Value> =
-                    entry.fields.iter().flatten().map(|(k, v)| (k.clone(), Value::String(payload_text(v)))).collect();
-                Value::Object(fields).to_string()
-            }
-        };
-        let event_type = entry
-            .field("meta")
-            .and_then(|m| serde_json::from_slice::<Value>(m).ok())
-            .and_then(|m| m.get("type").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_else(|| "unknown".into());
-        let record = DeadLetter {
-            id: entry.id.clone(),
-            event_type,
-            reason: "malformed_entry".into(),
-            payload,
-            stream: self.key.clone(),
-            attempts: 0,
-            meta: None,
-        };
-        if self.send_to_sink(&record).await {
-            self.ack(&entry.id, None).await;
-        }
-    }
-
-    /// Offer the record to the sink until it accepts; false at a hard stop (event stays pending).
-    async fn send_to_sink(&self, record: &DeadLetter) -> bool {
-        let w = &self.w;
-        for n in 1.. {
-            // Bounded, and abandoned at the hard stop: a sink may hang (a row lock, a dead
-            // connection) without ever failing.
-            let sent = tokio::select! {
-                r = tokio::time::timeout(SINK_TIMEOUT, w.sink.send(record)) => {
-                    r.unwrap_or_else(|_| Err(crate::Error::DeadLetter { sink: w.sink.name(), msg: format!("no answer within {SINK_TIMEOUT:?}") }))
-                }
-                _ = w.shutdown.hard.cancelled() => return false,
-            };
-            match sent {
-                Ok(()) => {
-                    if n > 1 {
-                        w.health.set_dlq_error(None);
-                        tracing::info!(sink = w.sink.name(), "dead-letter sink accepts again");
-                    }
-                    w.metrics.dead_lettered.with_label_values(&[&self.key, &record.reason]).inc();
-                    return true;
-                }
-                Err(e) => {
-                    w.metrics.dlq_sink_errors.with_label_values(&[w.sink.name()]).inc();
-                    // One warning when the sink starts failing, not one per held event.
-                    if w.health.set_dlq_error(Some(e.to_string())) {
-                        tracing::warn!(error = %e, sink = w.sink.name(), "dead-letter sink failing; holding dead letters until it accepts");
-                    } else {
-                        tracing::debug!(error = %e, id = %record.id, attempt = n, "dead-letter sink refused the event; holding it");
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff(Duration::from_millis(200), n, Duration::from_secs(30))) => {}
-                        _ = w.shutdown.hard.cancelled() => return false,
-                    }
-                }
-            }
-        }
-        false
     }
 }

@@ -12,6 +12,7 @@ use sha2::Sha256;
 
 use crate::config::Config;
 use crate::event::Event;
+use crate::limiter::Signal;
 use crate::retry::parse_retry_after;
 
 /// What to do with an event after one delivery attempt.
@@ -28,6 +29,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// What the answer says about the receiver's capacity, for its host's limiter: 429, any
+    /// 5xx, timeouts and connection failures push back; everything else does not.
+    pub fn signal(&self) -> Signal {
+        let r = self.reason();
+        let pushes_back = r == "http_429"
+            || r.strip_prefix("http_5").is_some()
+            || matches!(r, "timeout" | "connect_error" | "request_error");
+        if pushes_back {
+            Signal::Backpressure
+        } else {
+            Signal::Ok
+        }
+    }
+
     pub fn reason(&self) -> &str {
         match self {
             Outcome::Delivered => "delivered",
@@ -36,8 +51,10 @@ impl Outcome {
     }
 }
 
-/// Statuses an `OPTIONS` probe may answer for the host to count as back.
-pub const PROBE_OK: [u16; 9] = [200, 204, 301, 302, 303, 307, 308, 404, 405];
+/// A probe answered with a status below this means the host is alive: the original's list
+/// (200, 204, 3xx, 404, 405) and any other answer an application gives when it is up
+/// (401 and 403 from an auth layer, 400 from a strict router).
+pub const PROBE_ALIVE_BELOW: u16 = 500;
 
 /// Classify an HTTP response (DESIGN.md §2).
 pub fn classify(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Outcome {
@@ -46,10 +63,9 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Out
     let reason = format!("http_{code}");
     match code {
         200..=299 => Outcome::Delivered,
-        400 => match header("x-retry-after") {
-            Some(delay) => Outcome::Schedule { delay: Some(delay), reason },
-            None => Outcome::DeadLetter { reason },
-        },
+        // The header's presence asks for a retry; a value we cannot read means our backoff.
+        400 if headers.contains_key("x-retry-after") => Outcome::Schedule { delay: header("x-retry-after"), reason },
+        400 => Outcome::DeadLetter { reason },
         // 429 without Retry-After is still "slow down", never a reason to drop the event.
         429 => Outcome::Schedule { delay: header("retry-after"), reason },
         503 => match header("retry-after") {
@@ -149,6 +165,26 @@ impl Deliverer {
 
     /// One POST attempt. `attempt` is 1-based.
     pub async fn deliver(&self, ev: &Event, target: &Target, stream_key: &str, attempt: u32) -> Outcome {
+        let headers = self.headers(ev, stream_key, attempt);
+        let mut request = reqwest::Request::new(reqwest::Method::POST, target.url.clone());
+        *request.headers_mut() = headers;
+        *request.timeout_mut() = Some(ev.timeout.unwrap_or(self.read_timeout));
+        *request.body_mut() = Some(ev.payload.clone().into());
+        match self.client.execute(request).await {
+            Ok(resp) => {
+                let outcome = classify(resp.status(), resp.headers(), SystemTime::now());
+                // Drain the body so the connection goes back to the pool.
+                let _ = resp.bytes().await;
+                outcome
+            }
+            Err(e) if e.is_builder() => Outcome::DeadLetter { reason: "invalid_url".into() },
+            Err(e) => classify_error(&e),
+        }
+    }
+
+    /// The delivery headers of one attempt (also sent with the host's `OPTIONS` probe, so a
+    /// receiver that checks them answers the probe as it would the delivery).
+    pub fn headers(&self, ev: &Event, stream_key: &str, attempt: u32) -> HeaderMap {
         let mut headers = self.extra_headers.clone();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         if let Some(id) = ev.id.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
@@ -176,34 +212,29 @@ impl Deliverer {
                 }
             }
         }
-        let mut request = reqwest::Request::new(reqwest::Method::POST, target.url.clone());
-        *request.headers_mut() = headers;
-        *request.timeout_mut() = Some(ev.timeout.unwrap_or(self.read_timeout));
-        *request.body_mut() = Some(ev.payload.clone().into());
-        match self.client.execute(request).await {
-            Ok(resp) => {
-                let outcome = classify(resp.status(), resp.headers(), SystemTime::now());
-                // Drain the body so the connection goes back to the pool.
-                let _ = resp.bytes().await;
-                outcome
-            }
-            Err(e) if e.is_builder() => Outcome::DeadLetter { reason: "invalid_url".into() },
-            Err(e) => classify_error(&e),
-        }
+        headers
     }
 
-    /// `OPTIONS` probe: is the host answering again?
-    pub async fn probe(&self, url: &reqwest::Url) -> bool {
+    /// `OPTIONS` probe with the delivery headers: is the host answering again? Any answer
+    /// below 500 counts as alive.
+    pub async fn probe(&self, url: &reqwest::Url, mut headers: HeaderMap) -> bool {
+        headers.remove(CONTENT_TYPE);
         match self
             .client
             .request(reqwest::Method::OPTIONS, url.clone())
+            .headers(headers)
             .timeout(self.read_timeout.min(Duration::from_secs(10)))
             .send()
             .await
         {
-            Ok(resp) => PROBE_OK.contains(&resp.status().as_u16()),
+            Ok(resp) => resp.status().as_u16() < PROBE_ALIVE_BELOW,
             Err(_) => false,
         }
+    }
+
+    /// The read timeout used for events without their own `timeout`.
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -259,6 +290,16 @@ mod tests {
             Outcome::Schedule { delay: Some(Duration::from_secs(30)), reason: "http_400".into() }
         );
         assert_eq!(c(400, &[]), Outcome::DeadLetter { reason: "http_400".into() });
+        for odd in ["-5", "NaN", "soon", "1e20", "Thu, 01 Jan 1970 00:00:00 GMT"] {
+            // Never a panic, never a dead letter: the event is scheduled, with a bounded delay.
+            match c(400, &[("x-retry-after", odd)]) {
+                Outcome::Schedule { delay, .. } => {
+                    assert!(delay.is_none_or(|d| d <= crate::retry::MAX_SCHEDULE_DELAY), "{odd}: {delay:?}")
+                }
+                o => panic!("{odd}: {o:?}"),
+            }
+            assert!(matches!(c(429, &[("retry-after", odd)]), Outcome::Schedule { .. }), "{odd}");
+        }
         assert_eq!(c(400, &[("retry-after", "3")]), Outcome::DeadLetter { reason: "http_400".into() });
         assert_eq!(
             c(429, &[("retry-after", "2")]),
@@ -275,6 +316,15 @@ mod tests {
         for code in [301, 401, 404, 409, 422, 500, 501] {
             assert_eq!(c(code, &[]), Outcome::DeadLetter { reason: format!("http_{code}") });
         }
+    }
+
+    #[test]
+    fn what_pushes_back() {
+        for (code, pushes) in [(200, false), (404, false), (400, false), (429, true), (500, true), (502, true)] {
+            assert_eq!(c(code, &[]).signal() == Signal::Backpressure, pushes, "{code}");
+        }
+        assert_eq!(Outcome::HostDown { reason: "timeout".into() }.signal(), Signal::Backpressure);
+        assert_eq!(Outcome::HostDown { reason: "connect_error".into() }.signal(), Signal::Backpressure);
     }
 
     #[test]

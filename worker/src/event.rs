@@ -39,15 +39,29 @@ pub struct Event {
     pub ordering_key: Option<String>,
     /// Failed attempts already recorded in meta (by a scheduled retry).
     pub prior_failures: u32,
+    /// Set on events that may go ahead on a held ordering key (see `ordering.rs`).
+    pub hold_token: Option<String>,
 }
 
 /// Field in meta where scheduled retries carry the failures so far.
 pub const ATTEMPTS_FIELD: &str = "attempts";
+/// Field in meta where an event without `createdAt` carries when it was first put off, so
+/// the age budget applies to it too.
+pub const SINCE_FIELD: &str = "deferredSince";
 
 impl Event {
     /// The id used for dead letters, attempt counters and `X-Event-Id` fallbacks.
     pub fn dlq_id(&self) -> &str {
         self.id.as_deref().unwrap_or(&self.entry_id)
+    }
+
+    /// Unix seconds the event's age counts from: `createdAt`, else when it was first put
+    /// off, else when its stream entry was added.
+    pub fn born(&self) -> f64 {
+        self.created_at
+            .or_else(|| self.meta.get(SINCE_FIELD).and_then(Value::as_f64))
+            .or_else(|| entry_millis(&self.entry_id).map(|ms| ms as f64 / 1000.0))
+            .unwrap_or_else(now_unix)
     }
 }
 
@@ -90,6 +104,7 @@ pub fn parse(entry: &RawEntry, key_field: &str) -> Result<Event, Malformed> {
         payload: entry.field("payload").cloned().unwrap_or_default(),
         timeout,
         prior_failures,
+        hold_token: entry.field("holdToken").and_then(|t| std::str::from_utf8(t).ok()).map(str::to_string),
         meta,
     })
 }

@@ -7,8 +7,11 @@ pub mod delivery;
 pub mod dlq;
 pub mod error;
 pub mod event;
+pub mod handler;
 pub mod hosts;
+pub mod limiter;
 pub mod metrics;
+pub mod ordering;
 pub mod retry;
 pub mod scheduler;
 pub mod shutdown;
@@ -31,7 +34,7 @@ use crate::config::Config;
 use crate::consumer::Worker;
 use crate::delivery::Deliverer;
 use crate::dlq::Sink;
-use crate::hosts::HostGate;
+use crate::hosts::Hosts;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -71,8 +74,8 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
         env!("CARGO_PKG_VERSION")
     );
     let w = Arc::new(Worker {
-        hosts: HostGate::new(deliverer.clone(), metrics.clone(), shutdown.hard.clone()),
-        scripts: streams::Scripts::default(),
+        hosts: Hosts::new(cfg.hosts.clone(), deliverer.clone(), metrics.clone(), shutdown.hard.clone()),
+        scripts: Arc::new(streams::Scripts::default()),
         cfg: cfg.clone(),
         redis: redis.clone(),
         deliverer,
@@ -116,6 +119,11 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
     });
 
     let scheduler = tokio::spawn(scheduler::run(w.clone()));
+    let evictor = tokio::spawn({
+        let hosts = w.hosts.clone();
+        let stop = shutdown.stop.clone();
+        async move { hosts.evict_idle(stop).await }
+    });
     let stats = tokio::spawn(stats::run(w.clone()));
     let consumers: Vec<_> =
         cfg.streams.iter().map(|name| tokio::spawn(consumer::run_stream(w.clone(), name.clone()))).collect();
@@ -124,6 +132,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
     }
     let _ = scheduler.await;
     let _ = stats.await;
+    let _ = evictor.await;
     // Everything drained: let the grace timer go.
     shutdown.hard.cancel();
     admin_stop.cancel();

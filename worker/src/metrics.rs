@@ -23,6 +23,13 @@ pub struct Metrics {
     pub stream_lag: IntGaugeVec,
     pub oldest_pending_age: GaugeVec,
     pub host_circuit_open: IntGaugeVec,
+    pub host_limit: IntGaugeVec,
+    pub host_in_flight: IntGaugeVec,
+    pub host_queued: IntGaugeVec,
+    pub host_latency_baseline: GaugeVec,
+    pub deferred: IntCounterVec,
+    pub ordering_held_keys: IntGaugeVec,
+    pub stream_leader: IntGaugeVec,
     pub redis_errors: IntCounterVec,
     pub claimed: IntCounterVec,
     pub ack_batch: Histogram,
@@ -96,6 +103,32 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             host_circuit_open: gauge("host_circuit_open", "1 while deliveries to a target host are paused", &["host"]),
+            host_limit: gauge("host_concurrency_limit", "Requests allowed at once to a target host now", &["host"]),
+            host_in_flight: gauge("host_in_flight", "Requests in flight to a target host", &["host"]),
+            host_queued: gauge("host_queued", "Events waiting for a slot at a target host", &["host"]),
+            host_latency_baseline: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new("host_latency_baseline_seconds", "Latency of a target host when not congested"),
+                    &["host"],
+                )
+                .expect("valid metric"),
+            ),
+            deferred: counter(
+                "events_deferred_total",
+                "Events moved to the retry schedule without an attempt (host paused or saturated)",
+                &["stream", "reason"],
+            ),
+            ordering_held_keys: gauge(
+                "ordering_held_keys",
+                "Ordering keys waiting behind an event scheduled for retry",
+                &["stream"],
+            ),
+            stream_leader: gauge(
+                "stream_leader",
+                "1 while this worker holds the ordering lease of the stream (ordered streams only)",
+                &["stream"],
+            ),
             redis_errors: counter("redis_errors_total", "Redis command failures", &["op"]),
             claimed: counter("events_claimed_total", "Entries recovered from pending lists", &["stream", "source"]),
             ack_batch: reg(
@@ -108,6 +141,14 @@ impl Metrics {
             ),
             registry: r,
         }
+    }
+
+    /// Drop a forgotten host's series, so label values stay bounded.
+    pub fn remove_host(&self, host: &str) {
+        for g in [&self.host_circuit_open, &self.host_limit, &self.host_in_flight, &self.host_queued] {
+            let _ = g.remove_label_values(&[host]);
+        }
+        let _ = self.host_latency_baseline.remove_label_values(&[host]);
     }
 
     pub fn render(&self) -> String {

@@ -7,14 +7,22 @@ use rand::Rng;
 /// Longest delay a response may ask for; longer requests are clamped.
 pub const MAX_SCHEDULE_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Seconds from the outside world (a header, an event field, a flag) as a duration that
+/// cannot panic: negative means zero, beyond `max` means `max`, NaN means None.
+pub fn bounded_secs(secs: f64, max: Duration) -> Option<Duration> {
+    if secs.is_nan() {
+        return None;
+    }
+    Some(if secs <= 0.0 { Duration::ZERO } else { Duration::try_from_secs_f64(secs).unwrap_or(max).min(max) })
+}
+
 /// `Retry-After` / `X-Retry-After`: delay-seconds (fractions accepted) or an HTTP date.
+/// A negative delay or a date in the past means "now"; a huge one is clamped; anything
+/// unreadable is None (the caller's backoff applies).
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Some(Duration::from_secs_f64(secs).min(MAX_SCHEDULE_DELAY));
-        }
-        return None;
+        return bounded_secs(secs, MAX_SCHEDULE_DELAY);
     }
     let when = httpdate::parse_http_date(v).ok()?;
     Some(when.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_SCHEDULE_DELAY))
@@ -43,8 +51,14 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after(" 1.5 ", now), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_retry_after("-1", now), None);
+        assert_eq!(parse_retry_after("-1", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("-5", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("NaN", now), None);
+        assert_eq!(parse_retry_after("1e20", now), Some(MAX_SCHEDULE_DELAY));
+        assert_eq!(parse_retry_after("inf", now), Some(MAX_SCHEDULE_DELAY));
+        assert_eq!(parse_retry_after("-inf", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("1e308", now), Some(MAX_SCHEDULE_DELAY));
         let date = httpdate::fmt_http_date(now + Duration::from_secs(120));
         assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(120)));
         let past = httpdate::fmt_http_date(now - Duration::from_secs(120));

@@ -175,15 +175,91 @@ pub async fn get_failures(con: &mut ConnectionManager, counter: &str) -> Result<
     Ok(n.unwrap_or(0).clamp(0, u32::MAX as i64) as u32)
 }
 
-/// Move an entry to the retry schedule and acknowledge it, atomically.
+/// Move an entry to the retry schedule and acknowledge it, atomically. With an ordering key
+/// (ARGV[8]) the key becomes held by this entry (token ARGV[9]): later events of the key wait
+/// behind it (see `HOLD_APPEND_LUA`).
 const SCHEDULE_LUA: &str = r#"
 local args = {'meta', ARGV[5], 'stream', KEYS[1], 'payload', ARGV[6]}
 if ARGV[7] ~= '' then table.insert(args, 'timeout'); table.insert(args, ARGV[7]) end
+if ARGV[9] ~= '' then table.insert(args, 'holdToken'); table.insert(args, ARGV[9]) end
 local rid = redis.call('XADD', KEYS[2], '*', unpack(args))
 redis.call('ZADD', KEYS[3], ARGV[4], rid)
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[4], ARGV[8], ARGV[9] .. ' 1') end
 return rid
+"#;
+
+/// An event of a held key joins the key's hold stream (KEYS[4]) and is acknowledged, in one
+/// step. 0 when the key is not held (any more): deliver it instead.
+const HOLD_APPEND_LUA: &str = r#"
+if redis.call('HEXISTS', KEYS[3], ARGV[7]) == 0 then return 0 end
+local args = {'meta', ARGV[4], 'payload', ARGV[5]}
+if ARGV[6] ~= '' then table.insert(args, 'timeout'); table.insert(args, ARGV[6]) end
+redis.call('XADD', KEYS[4], '*', unpack(args))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
+return 1
+"#;
+
+/// An event that held its key is done (delivered or dead-lettered): acknowledge it and, when
+/// it was the last of its group, put the next group of held events (front stream first,
+/// then back) at the end of the stream under a new token. Returns the key's token now:
+/// nil when the caller did not hold the key, '' when the key is free.
+const HOLD_RELEASE_LUA: &str = r#"
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
+redis.call('DEL', KEYS[5])
+local v = redis.call('HGET', KEYS[2], ARGV[4])
+if not v then return false end
+local tok, n = string.match(v, '^(%S+) (%d+)$')
+if tok ~= ARGV[5] then return false end
+n = tonumber(n) - 1
+if n > 0 then
+  redis.call('HSET', KEYS[2], ARGV[4], tok .. ' ' .. n)
+  return tok
+end
+local limit = tonumber(ARGV[7])
+local moved = 0
+for _, src in ipairs({KEYS[3], KEYS[4]}) do
+  if moved < limit then
+    local entries = redis.call('XRANGE', src, '-', '+', 'COUNT', limit - moved)
+    for _, e in ipairs(entries) do
+      local f = e[2]
+      local args = {}
+      for i = 1, #f, 2 do
+        if f[i] ~= 'holdToken' then table.insert(args, f[i]); table.insert(args, f[i + 1]) end
+      end
+      table.insert(args, 'holdToken'); table.insert(args, ARGV[6])
+      redis.call('XADD', KEYS[1], '*', unpack(args))
+      redis.call('XDEL', src, e[1])
+      moved = moved + 1
+    end
+    if redis.call('XLEN', src) == 0 then redis.call('DEL', src) end
+  end
+end
+if moved == 0 then
+  redis.call('HDEL', KEYS[2], ARGV[4])
+  return ''
+end
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[6] .. ' ' .. moved)
+return ARGV[6]
+"#;
+
+/// Take or keep a lease: 1 when `ARGV[1]` holds it now.
+const LEASE_LUA: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Give a lease up, if it is ours.
+const UNLEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 "#;
 
 /// Move due retries back to their streams, atomically per call. Entries whose `stream`
@@ -222,12 +298,48 @@ return moved
 pub struct Scripts {
     schedule: Script,
     move_due: Script,
+    hold_append: Script,
+    hold_release: Script,
+    lease: Script,
+    unlease: Script,
 }
 
 impl Default for Scripts {
     fn default() -> Self {
-        Self { schedule: Script::new(SCHEDULE_LUA), move_due: Script::new(MOVE_DUE_LUA) }
+        Self {
+            schedule: Script::new(SCHEDULE_LUA),
+            move_due: Script::new(MOVE_DUE_LUA),
+            hold_append: Script::new(HOLD_APPEND_LUA),
+            hold_release: Script::new(HOLD_RELEASE_LUA),
+            lease: Script::new(LEASE_LUA),
+            unlease: Script::new(UNLEASE_LUA),
+        }
     }
+}
+
+/// Where a held ordering key's waiting events live. `front` takes events that were already
+/// in circulation when the key was held again (they go before `back`, the newer arrivals).
+pub struct HoldKeys {
+    pub held: String,
+    pub front: String,
+    pub back: String,
+}
+
+impl HoldKeys {
+    pub fn new(group: &str, stream_key: &str, key: &str) -> Self {
+        let base = format!("eventworker:hold:{group}:{stream_key}:{key}");
+        Self { held: held_key(group, stream_key), front: format!("{base}:front"), back: format!("{base}:back") }
+    }
+}
+
+/// Hash of held ordering keys of a stream: key -> "<token> <events in circulation>".
+pub fn held_key(group: &str, stream_key: &str) -> String {
+    format!("eventworker:held:{group}:{stream_key}")
+}
+
+/// The ordering lease of a stream: one consumer delivers an ordered stream at a time.
+pub fn lease_key(group: &str, stream_key: &str) -> String {
+    format!("eventworker:lease:{group}:{stream_key}")
 }
 
 /// One scheduled retry.
@@ -240,6 +352,23 @@ pub struct ScheduleReq<'a> {
     pub meta_json: &'a str,
     pub payload: &'a [u8],
     pub timeout: Option<&'a [u8]>,
+    /// Hold this ordering key (held-keys hash, key, token) while the entry waits.
+    pub hold: Option<(&'a str, &'a str, &'a str)>,
+}
+
+/// An event joining a held key's waiting events.
+pub struct AppendReq<'a> {
+    pub stream_key: &'a str,
+    pub group: &'a str,
+    pub entry_id: &'a str,
+    pub delete: bool,
+    pub meta_json: &'a str,
+    pub payload: &'a [u8],
+    pub timeout: Option<&'a [u8]>,
+    pub key: &'a str,
+    pub keys: &'a HoldKeys,
+    /// Into the front stream (was in circulation) rather than the back.
+    pub front: bool,
 }
 
 impl Scripts {
@@ -256,9 +385,79 @@ impl Scripts {
             .arg(r.meta_json)
             .arg(r.payload)
             .arg(r.timeout.unwrap_or(b""))
+            .arg(r.hold.map(|h| h.1).unwrap_or(""))
+            .arg(r.hold.map(|h| h.2).unwrap_or(""))
+            .key(r.hold.map(|h| h.0).unwrap_or(RETRY_DELAYS))
             .invoke_async(con)
             .await?;
         Ok(id)
+    }
+
+    /// True when the event joined the key's waiting events; false when the key is free.
+    pub async fn hold_append(&self, con: &mut ConnectionManager, r: &AppendReq<'_>) -> Result<bool> {
+        let n: i64 = self
+            .hold_append
+            .key(r.stream_key)
+            .key(RETRY_STREAM)
+            .key(&r.keys.held)
+            .key(if r.front { &r.keys.front } else { &r.keys.back })
+            .arg(r.group)
+            .arg(r.entry_id)
+            .arg(if r.delete { "1" } else { "0" })
+            .arg(r.meta_json)
+            .arg(r.payload)
+            .arg(r.timeout.unwrap_or(b""))
+            .arg(r.key)
+            .invoke_async(con)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Acknowledge an event that held its key and hand the key on. The key's token now:
+    /// None when the caller did not hold it, Some("") when the key is free.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn hold_release(
+        &self,
+        con: &mut ConnectionManager,
+        stream_key: &str,
+        group: &str,
+        entry_id: &str,
+        delete: bool,
+        counter: &str,
+        key: &str,
+        keys: &HoldKeys,
+        token: &str,
+        next_token: &str,
+        batch: usize,
+    ) -> Result<Option<String>> {
+        Ok(self
+            .hold_release
+            .key(stream_key)
+            .key(&keys.held)
+            .key(&keys.front)
+            .key(&keys.back)
+            .key(counter)
+            .arg(group)
+            .arg(entry_id)
+            .arg(if delete { "1" } else { "0" })
+            .arg(key)
+            .arg(token)
+            .arg(next_token)
+            .arg(batch)
+            .invoke_async(con)
+            .await?)
+    }
+
+    /// Take or renew a lease for `ttl`; true when `owner` holds it.
+    pub async fn lease(&self, con: &mut ConnectionManager, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        let n: i64 =
+            self.lease.key(key).arg(owner).arg(ttl.as_millis().max(1) as u64).invoke_async(con).await?;
+        Ok(n == 1)
+    }
+
+    pub async fn unlease(&self, con: &mut ConnectionManager, key: &str, owner: &str) -> Result<()> {
+        let _: i64 = self.unlease.key(key).arg(owner).invoke_async(con).await?;
+        Ok(())
     }
 
     /// Returns how many entries were moved.

@@ -1,0 +1,346 @@
+//! The fate of one event: admission at its host, one delivery attempt, and the outcome
+//! applied: acknowledged, scheduled for a later retry, deferred, held behind its ordering
+//! key, or dead-lettered. Every retry goes through the durable retry schedule with a
+//! per-event backoff; nothing waits in memory for longer than a host's queue allows.
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::Value;
+
+use crate::config::Ordering;
+use crate::consumer::{Job, Stream};
+use crate::delivery::Outcome;
+use crate::dlq::{payload_text, DeadLetter};
+use crate::event::{self, Event, RawEntry, ATTEMPTS_FIELD, SINCE_FIELD};
+use crate::hosts::Admit;
+use crate::ordering::new_token;
+use crate::retry::{backoff, exhausted, MAX_SCHEDULE_DELAY};
+use crate::streams::{self, counter_key, AppendReq, HoldKeys, ScheduleReq};
+
+/// Longest a dead-letter sink may take to accept one record.
+const SINK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the head of a key's lane waits for its host before it is deferred (its lane's
+/// later events hold read slots meanwhile).
+const LANE_WAIT: Duration = Duration::from_secs(2);
+/// Events of a held key put back into the stream at once when the key is handed on.
+const RELEASE_BATCH: usize = 100;
+/// Longest a scheduled retry waits for a 429 without Retry-After.
+const SCHEDULE_BACKOFF_CAP: Duration = Duration::from_secs(3600);
+
+impl Stream {
+    /// One event to its end. `lane` is its ordering key when its stream is ordered.
+    pub(crate) async fn handle(&self, mut job: Job, lane: Option<&str>) {
+        let w = &self.w;
+        let cfg = &w.cfg;
+        let ev = &job.ev;
+        let counter = counter_key(&self.key, ev.dlq_id());
+        let mut failures = ev.prior_failures;
+        if job.recovered {
+            let c = &counter;
+            let Some(n) =
+                w.redis_retry("get_attempts", |mut con| async move { streams::get_failures(&mut con, c).await }).await
+            else {
+                return;
+            };
+            failures = failures.max(n);
+            if exhausted(failures, cfg.max_attempts) {
+                return self.dead_letter(job, lane, "max_attempts", failures).await;
+            }
+        }
+        let Some(target) = w.deliverer.target(ev) else {
+            w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, "invalid_url"]).inc();
+            return self.dead_letter(job, lane, "invalid_url", failures + 1).await;
+        };
+
+        // Admission. An event that has to wait gives its read slot up for a parking slot,
+        // so that the stream goes on reading for other hosts; with none free it is deferred.
+        let must_wait = w.hosts.must_wait(&target.host);
+        if must_wait {
+            match self.parked.clone().try_acquire_owned() {
+                Ok(p) => job.claim.slot = Some(p),
+                Err(_) => return self.defer(job, lane, Duration::from_millis(500), "host_busy", failures).await,
+            }
+        }
+        let max_wait = match (self.ordering, lane) {
+            (Ordering::Key, Some(_)) => Some(LANE_WAIT),
+            _ => None,
+        };
+        let permit = match w.hosts.admit(&target, self.priority, max_wait).await {
+            Admit::Go(p) => p,
+            Admit::Paused { retry_in } => return self.defer(job, lane, retry_in, "host_paused", failures).await,
+            Admit::Busy { retry_in } => return self.defer(job, lane, retry_in, "host_busy", failures).await,
+        };
+        if w.shutdown.hard.is_cancelled() {
+            return; // admitted just as the grace period ended: leave it pending
+        }
+
+        let ev = &job.ev;
+        let attempt = failures + 1;
+        let outcome = tokio::select! {
+            o = w.deliverer.deliver(ev, &target, &self.key, attempt) => o,
+            _ = w.shutdown.hard.cancelled() => return,
+        };
+        let took = permit.started().elapsed();
+        permit.finish(outcome.signal());
+        w.metrics.processing_duration.with_label_values(&[&ev.event_type]).observe(took.as_secs_f64());
+        let reason = outcome.reason().to_string();
+        match outcome {
+            Outcome::Delivered => {
+                w.metrics.processed.with_label_values(&[&self.key, &ev.event_type]).inc();
+                if let Some(created) = ev.created_at {
+                    let age = (event::now_unix() - created).max(0.0);
+                    w.metrics.event_age.with_label_values(&[&self.key, &ev.event_type]).observe(age);
+                }
+                let clear = failures > 0 || job.recovered;
+                self.finished(job, lane, clear).await
+            }
+            Outcome::DeadLetter { .. } => {
+                w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, &reason]).inc();
+                self.dead_letter(job, lane, &reason, attempt).await
+            }
+            Outcome::Schedule { .. } | Outcome::HostDown { .. } => {
+                w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, &reason]).inc();
+                let (c, ttl) = (&counter, cfg.attempt_ttl);
+                let Some(n) = w
+                    .redis_retry("count_attempt", |mut con| async move {
+                        streams::count_failure(&mut con, c, ttl).await
+                    })
+                    .await
+                else {
+                    return;
+                };
+                failures = n.max(attempt);
+                tracing::debug!(stream = %self.key, id = ev.dlq_id(), %reason, failures, "delivery failed");
+                if exhausted(failures, cfg.max_attempts) {
+                    return self.dead_letter(job, lane, &reason, failures).await;
+                }
+                let delay = match outcome {
+                    Outcome::Schedule { delay, .. } => {
+                        delay.unwrap_or_else(|| backoff(cfg.retry_backoff, failures, SCHEDULE_BACKOFF_CAP))
+                    }
+                    _ => {
+                        // An event's own short timeout says little about its host: only
+                        // failures at the host's normal terms pause it.
+                        let own_timeout = reason == "timeout" && ev.timeout.is_some_and(|t| t < w.deliverer.read_timeout());
+                        if !own_timeout {
+                            w.hosts.trip(&target, &reason, w.deliverer.headers(ev, &self.key, attempt));
+                        }
+                        backoff(cfg.backoff_base, failures, cfg.backoff_max)
+                    }
+                };
+                self.schedule(job, lane, delay, failures, &reason, false).await
+            }
+        }
+    }
+
+    /// Put an event off without an attempt (its host is paused or saturated): back to the
+    /// retry schedule, spread out so a reopening host is not met by all of them at once.
+    async fn defer(&self, job: Job, lane: Option<&str>, retry_in: Duration, why: &str, failures: u32) {
+        self.w.metrics.deferred.with_label_values(&[&self.key, why]).inc();
+        let spread = rand::rng().random_range(1.0..1.5);
+        let delay = retry_in.max(Duration::from_millis(200)).mul_f64(spread);
+        self.schedule(job, lane, delay, failures, why, true).await
+    }
+
+    /// Hand the event to `events:retry` and acknowledge it, in one atomic step. An ordered
+    /// event holds its key meanwhile. Past the age budget it is dead-lettered instead.
+    async fn schedule(&self, job: Job, lane: Option<&str>, delay: Duration, failures: u32, reason: &str, deferred: bool) {
+        let w = &self.w;
+        let ev = &job.ev;
+        let age = event::now_unix() - ev.born();
+        if age > w.cfg.max_event_age.as_secs_f64() {
+            tracing::warn!(stream = %self.key, id = ev.dlq_id(), age_s = age as u64, last = reason, "event past MAX_EVENT_AGE: dead-lettering it");
+            return self.dead_letter(job, lane, "max_age", failures).await;
+        }
+        let due = event::now_unix() + delay.min(MAX_SCHEDULE_DELAY).as_secs_f64();
+        let mut meta = ev.meta.clone();
+        let due_iso = time::OffsetDateTime::from_unix_timestamp_nanos((due * 1e9) as i128)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_default();
+        meta.insert("nextAttemptAt".into(), Value::String(due_iso));
+        meta.insert(ATTEMPTS_FIELD.into(), Value::from(failures));
+        if ev.created_at.is_none() && !meta.contains_key(SINCE_FIELD) {
+            meta.insert(SINCE_FIELD.into(), Value::from(event::now_unix().floor()));
+        }
+        let meta_json = Value::Object(meta).to_string();
+        let timeout = ev.timeout.map(|t| t.as_secs_f64().to_string());
+        let token = lane.map(|_| new_token());
+        let hold = lane.zip(token.as_deref()).map(|(k, t)| (self.held_key.as_str(), k, t));
+        let req = ScheduleReq {
+            stream_key: &self.key,
+            group: &w.cfg.group,
+            entry_id: &ev.entry_id,
+            delete: w.cfg.delete_on_ack,
+            due_unix: due,
+            meta_json: &meta_json,
+            payload: &ev.payload,
+            timeout: timeout.as_deref().map(str::as_bytes),
+            hold,
+        };
+        let (scripts, req) = (&w.scripts, &req);
+        if w.redis_retry("schedule", |mut con| async move { scripts.schedule(&mut con, req).await }).await.is_some() {
+            if let Some((k, t)) = lane.zip(token.as_deref()) {
+                self.holds.set(k, t);
+                self.publish_holds();
+            }
+            if !deferred {
+                w.metrics.retries_scheduled.with_label_values(&[&self.key]).inc();
+            }
+            tracing::debug!(stream = %self.key, id = ev.dlq_id(), delay_s = delay.as_secs_f64(), reason, "retry scheduled");
+        }
+    }
+
+    /// An event of a held key joins the key's waiting events (acknowledged with the move).
+    pub(crate) async fn hold_append(&self, job: Job, key: &str, front: bool) {
+        let w = &self.w;
+        let ev = &job.ev;
+        let meta_json = Value::Object(ev.meta.clone()).to_string();
+        let timeout = ev.timeout.map(|t| t.as_secs_f64().to_string());
+        let keys = HoldKeys::new(&w.cfg.group, &self.key, key);
+        let req = AppendReq {
+            stream_key: &self.key,
+            group: &w.cfg.group,
+            entry_id: &ev.entry_id,
+            delete: w.cfg.delete_on_ack,
+            meta_json: &meta_json,
+            payload: &ev.payload,
+            timeout: timeout.as_deref().map(str::as_bytes),
+            key,
+            keys: &keys,
+            front,
+        };
+        let (scripts, req) = (&w.scripts, &req);
+        match w.redis_retry("hold_append", |mut con| async move { scripts.hold_append(&mut con, req).await }).await {
+            Some(true) => tracing::debug!(stream = %self.key, id = ev.dlq_id(), key, "waiting behind its ordering key"),
+            Some(false) => {
+                // Not held any more (our view was stale): deliver it.
+                self.holds.set(key, "");
+                self.publish_holds();
+                Box::pin(self.handle(job, Some(key))).await
+            }
+            None => {}
+        }
+    }
+
+    /// The event is done with (delivered, or accepted by the dead-letter sink): acknowledge
+    /// it, and hand its key on when it held it.
+    async fn finished(&self, job: Job, lane: Option<&str>, clear_counter: bool) {
+        let w = &self.w;
+        let ev = &job.ev;
+        let counter = counter_key(&self.key, ev.dlq_id());
+        let holder = lane.filter(|k| ev.hold_token.is_some() && self.holds.token(k) == ev.hold_token);
+        let (Some(key), Some(token)) = (holder, ev.hold_token.as_deref()) else {
+            return self.ack(&ev.entry_id, clear_counter.then_some(counter)).await;
+        };
+        let keys = HoldKeys::new(&w.cfg.group, &self.key, key);
+        let next = new_token();
+        let (group, delete) = (&w.cfg.group, w.cfg.delete_on_ack);
+        let (k, keys_ref, c, n, id, sk) = (key, &keys, &counter, &next, &ev.entry_id, &self.key);
+        let released = w
+            .redis_retry("hold_release", |mut con| async move {
+                w.scripts.hold_release(&mut con, sk, group, id, delete, c, k, keys_ref, token, n, RELEASE_BATCH).await
+            })
+            .await;
+        if let Some(now) = released {
+            match now {
+                Some(t) => self.holds.set(key, &t),
+                // Someone else's (a stale view): learn the truth on the next lease.
+                None => self.holds.set(key, ""),
+            }
+            self.publish_holds();
+        }
+    }
+
+    fn publish_holds(&self) {
+        self.w.metrics.ordering_held_keys.with_label_values(&[&self.key]).set(self.holds.len() as i64);
+    }
+
+    async fn dead_letter(&self, job: Job, lane: Option<&str>, reason: &str, attempts: u32) {
+        let ev = &job.ev;
+        if self.send_to_sink(&dead_letter_of(ev, &self.key, reason, attempts)).await {
+            self.finished(job, lane, true).await;
+        }
+    }
+
+    pub(crate) async fn dead_letter_malformed(&self, entry: &RawEntry, why: &str) {
+        tracing::warn!(stream = %self.key, id = %entry.id, why, "malformed entry: dead-lettering it");
+        let payload = match entry.field("payload") {
+            Some(p) => payload_text(p),
+            None => {
+                let fields: serde_json::Map<String, Value> =
+                    entry.fields.iter().flatten().map(|(k, v)| (k.clone(), Value::String(payload_text(v)))).collect();
+                Value::Object(fields).to_string()
+            }
+        };
+        let event_type = entry
+            .field("meta")
+            .and_then(|m| serde_json::from_slice::<Value>(m).ok())
+            .and_then(|m| m.get("type").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| "unknown".into());
+        let record = DeadLetter {
+            id: entry.id.clone(),
+            event_type,
+            reason: "malformed_entry".into(),
+            payload,
+            stream: self.key.clone(),
+            attempts: 0,
+            meta: None,
+        };
+        if self.send_to_sink(&record).await {
+            self.ack(&entry.id, None).await;
+        }
+    }
+
+    /// Offer the record to the sink until it accepts; false at a hard stop (event stays pending).
+    async fn send_to_sink(&self, record: &DeadLetter) -> bool {
+        let w = &self.w;
+        for n in 1.. {
+            // Bounded, and abandoned at the hard stop: a sink may hang (a row lock, a dead
+            // connection) without ever failing.
+            let sent = tokio::select! {
+                r = tokio::time::timeout(SINK_TIMEOUT, w.sink.send(record)) => {
+                    r.unwrap_or_else(|_| Err(crate::Error::DeadLetter { sink: w.sink.name(), msg: format!("no answer within {SINK_TIMEOUT:?}") }))
+                }
+                _ = w.shutdown.hard.cancelled() => return false,
+            };
+            match sent {
+                Ok(()) => {
+                    if n > 1 {
+                        w.health.set_dlq_error(None);
+                        tracing::info!(sink = w.sink.name(), "dead-letter sink accepts again");
+                    }
+                    w.metrics.dead_lettered.with_label_values(&[&self.key, &record.reason]).inc();
+                    return true;
+                }
+                Err(e) => {
+                    w.metrics.dlq_sink_errors.with_label_values(&[w.sink.name()]).inc();
+                    // One warning when the sink starts failing, not one per held event.
+                    if w.health.set_dlq_error(Some(e.to_string())) {
+                        tracing::warn!(error = %e, sink = w.sink.name(), "dead-letter sink failing; holding dead letters until it accepts");
+                    } else {
+                        tracing::debug!(error = %e, id = %record.id, attempt = n, "dead-letter sink refused the event; holding it");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff(Duration::from_millis(200), n, Duration::from_secs(30))) => {}
+                        _ = w.shutdown.hard.cancelled() => return false,
+                    }
+                }
+            }
+        }
+        false
+    }
+}
+
+fn dead_letter_of(ev: &Event, stream: &str, reason: &str, attempts: u32) -> DeadLetter {
+    DeadLetter {
+        id: ev.dlq_id().to_string(),
+        event_type: ev.event_type.clone(),
+        reason: reason.to_string(),
+        payload: payload_text(&ev.payload),
+        stream: stream.to_string(),
+        attempts,
+        meta: Some(Value::Object(ev.meta.clone()).to_string()),
+    }
+}
