@@ -150,7 +150,7 @@ pub struct Args {
     pub host_rate_limit: f64,
     /// Most events waiting for a slot at one host; beyond, events are deferred to the
     /// retry schedule (no attempt counted).
-    #[arg(long, env = "HOST_QUEUE", default_value_t = 256)]
+    #[arg(long, env = "HOST_QUEUE", default_value_t = 1024)]
     pub host_queue: usize,
     /// Per-host overrides as JSON: {"https://api.example.com": {"maxConcurrency": 8,
     /// "rateLimit": 50, "concurrency": "fixed"}}.
@@ -359,9 +359,8 @@ impl Config {
         };
         let mut stream_priority: BTreeMap<String, u32> =
             streams.iter().enumerate().map(|(i, s)| (s.clone(), i as u32)).collect();
-        stream_priority.extend(overrides("STREAM_PRIORITY", a.stream_priority.as_deref(), &streams, |v| {
-            v.parse::<u32>().ok()
-        })?);
+        stream_priority
+            .extend(overrides("STREAM_PRIORITY", a.stream_priority.as_deref(), &streams, |v| v.parse::<u32>().ok())?);
         let backoff_base = seconds("BACKOFF_BASE", a.backoff_base)?;
         let backoff_max = seconds("BACKOFF_MAX", a.backoff_max)?;
         if backoff_max < backoff_base {
@@ -461,13 +460,18 @@ fn host_settings(a: &Args) -> Result<crate::hosts::HostSettings> {
     let mut overrides = std::collections::HashMap::new();
     if let Some(json) = a.host_overrides.as_deref().filter(|s| !s.trim().is_empty()) {
         let raw: BTreeMap<String, HostOverrideJson> = serde_json::from_str(json).map_err(|e| {
-            bad("HOST_OVERRIDES", format!("must be a JSON object of host URL -> {{maxConcurrency, rateLimit, concurrency}}: {e}"))
+            bad(
+                "HOST_OVERRIDES",
+                format!("must be a JSON object of host URL -> {{maxConcurrency, rateLimit, concurrency}}: {e}"),
+            )
         })?;
         for (host, o) in raw {
             let url = reqwest::Url::parse(&host)
                 .ok()
                 .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
-                .ok_or_else(|| bad("HOST_OVERRIDES", format!("{host:?} is not an http(s) URL such as https://api.example.com")))?;
+                .ok_or_else(|| {
+                    bad("HOST_OVERRIDES", format!("{host:?} is not an http(s) URL such as https://api.example.com"))
+                })?;
             if o.max_concurrency == Some(0) {
                 return Err(bad("HOST_OVERRIDES", format!("{host}: maxConcurrency must be at least 1")));
             }
@@ -477,7 +481,11 @@ fn host_settings(a: &Args) -> Result<crate::hosts::HostSettings> {
             };
             overrides.insert(
                 crate::delivery::host_key(&url),
-                HostOverride { max: o.max_concurrency, rate: r, adaptive: o.concurrency.map(|c| c == HostConcurrency::Adaptive) },
+                HostOverride {
+                    max: o.max_concurrency,
+                    rate: r,
+                    adaptive: o.concurrency.map(|c| c == HostConcurrency::Adaptive),
+                },
             );
         }
     }
@@ -711,7 +719,7 @@ pub(crate) mod tests {
     fn flow_control_settings() {
         let c = parse(&[]).unwrap();
         assert_eq!((c.hosts.limit.max, c.hosts.limit.initial, c.hosts.limit.adaptive), (32, 4, true));
-        assert_eq!((c.hosts.rate, c.hosts.queue), (None, 256));
+        assert_eq!((c.hosts.rate, c.hosts.queue), (None, 1024));
         assert_eq!(c.priority_for("critical"), 0);
         assert_eq!(c.priority_for("slow"), 3);
         let c = parse(&[

@@ -31,7 +31,7 @@ const BLOCK: Duration = Duration::from_secs(1);
 /// Most entries read per round trip.
 const READ_BATCH: usize = 256;
 /// Events that may wait for a host without holding a read slot, per read slot.
-const PARKED_PER_SLOT: usize = 4;
+const PARKED_PER_SLOT: usize = 8;
 /// Longest wait for more free slots before a read, when nearly all are taken.
 const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Most entries acknowledged per round trip.
@@ -241,7 +241,8 @@ impl Stream {
         let mut group_ready = false;
         let mut was_leader = false;
         // Start by re-reading our own pending list (entries read before a crash or restart).
-        let mut cur = Cursors { own: Some("0".into()), claim_all: None, next_claim: Instant::now(), claim: "0-0".into() };
+        let mut cur =
+            Cursors { own: Some("0".into()), claim_all: None, next_claim: Instant::now(), claim: "0-0".into() };
         let mut next_touch = Instant::now() + self.touch_every();
         let mut errors = 0u32;
         while !self.stop().is_cancelled() {

@@ -59,7 +59,10 @@ impl Stream {
         if must_wait {
             match self.parked.clone().try_acquire_owned() {
                 Ok(p) => job.claim.slot = Some(p),
-                Err(_) => return self.defer(job, lane, Duration::from_millis(500), "host_busy", failures).await,
+                Err(_) => {
+                    let retry_in = w.hosts.busy_retry_in(&target.host);
+                    return self.defer(job, lane, retry_in, "host_busy", failures).await;
+                }
             }
         }
         let max_wait = match (self.ordering, lane) {
@@ -82,6 +85,13 @@ impl Stream {
             _ = w.shutdown.hard.cancelled() => return,
         };
         let took = permit.started().elapsed();
+        // Pause a failing host before its slot is given to the next waiting event.
+        let own_timeout = outcome.reason() == "timeout" && ev.timeout.is_some_and(|t| t < w.deliverer.read_timeout());
+        if matches!(outcome, Outcome::HostDown { .. }) && !own_timeout {
+            // An event's own short timeout says little about its host: only failures at
+            // the host's normal terms pause it.
+            w.hosts.trip(&target, outcome.reason(), w.deliverer.headers(ev, &self.key, attempt));
+        }
         permit.finish(outcome.signal());
         w.metrics.processing_duration.with_label_values(&[&ev.event_type]).observe(took.as_secs_f64());
         let reason = outcome.reason().to_string();
@@ -103,9 +113,10 @@ impl Stream {
                 w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, &reason]).inc();
                 let (c, ttl) = (&counter, cfg.attempt_ttl);
                 let Some(n) = w
-                    .redis_retry("count_attempt", |mut con| async move {
-                        streams::count_failure(&mut con, c, ttl).await
-                    })
+                    .redis_retry(
+                        "count_attempt",
+                        |mut con| async move { streams::count_failure(&mut con, c, ttl).await },
+                    )
                     .await
                 else {
                     return;
@@ -119,15 +130,7 @@ impl Stream {
                     Outcome::Schedule { delay, .. } => {
                         delay.unwrap_or_else(|| backoff(cfg.retry_backoff, failures, SCHEDULE_BACKOFF_CAP))
                     }
-                    _ => {
-                        // An event's own short timeout says little about its host: only
-                        // failures at the host's normal terms pause it.
-                        let own_timeout = reason == "timeout" && ev.timeout.is_some_and(|t| t < w.deliverer.read_timeout());
-                        if !own_timeout {
-                            w.hosts.trip(&target, &reason, w.deliverer.headers(ev, &self.key, attempt));
-                        }
-                        backoff(cfg.backoff_base, failures, cfg.backoff_max)
-                    }
+                    _ => backoff(cfg.backoff_base, failures, cfg.backoff_max),
                 };
                 self.schedule(job, lane, delay, failures, &reason, false).await
             }
@@ -138,14 +141,22 @@ impl Stream {
     /// retry schedule, spread out so a reopening host is not met by all of them at once.
     async fn defer(&self, job: Job, lane: Option<&str>, retry_in: Duration, why: &str, failures: u32) {
         self.w.metrics.deferred.with_label_values(&[&self.key, why]).inc();
-        let spread = rand::rng().random_range(1.0..1.5);
+        let spread = rand::rng().random_range(1.0..1.25);
         let delay = retry_in.max(Duration::from_millis(200)).mul_f64(spread);
         self.schedule(job, lane, delay, failures, why, true).await
     }
 
     /// Hand the event to `events:retry` and acknowledge it, in one atomic step. An ordered
     /// event holds its key meanwhile. Past the age budget it is dead-lettered instead.
-    async fn schedule(&self, job: Job, lane: Option<&str>, delay: Duration, failures: u32, reason: &str, deferred: bool) {
+    async fn schedule(
+        &self,
+        job: Job,
+        lane: Option<&str>,
+        delay: Duration,
+        failures: u32,
+        reason: &str,
+        deferred: bool,
+    ) {
         let w = &self.w;
         let ev = &job.ev;
         let age = event::now_unix() - ev.born();

@@ -25,6 +25,8 @@ use crate::retry::backoff;
 
 const PROBE_BASE: Duration = Duration::from_millis(250);
 const PROBE_CAP: Duration = Duration::from_secs(30);
+/// Farthest an event turned away by a busy host is told to come back.
+const MAX_HORIZON: Duration = Duration::from_secs(300);
 /// A host unused this long is forgotten (its limiter starts over when it is used again).
 const IDLE_EVICT: Duration = Duration::from_secs(300);
 
@@ -49,7 +51,7 @@ pub struct HostSettings {
 
 impl Default for HostSettings {
     fn default() -> Self {
-        Self { limit: LimitSettings::default(), rate: None, queue: 256, overrides: HashMap::new() }
+        Self { limit: LimitSettings::default(), rate: None, queue: 1024, overrides: HashMap::new() }
     }
 }
 
@@ -97,6 +99,10 @@ struct HostState {
     paused: Option<Pause>,
     rate_timer: bool,
     last_used: Instant,
+    /// Events turned away as busy are spread over the time the host needs for them: the
+    /// next one is told to come back at this horizon, which moves on by one request's
+    /// share of the host's throughput each time.
+    horizon: Instant,
 }
 
 struct Host {
@@ -168,12 +174,16 @@ impl Host {
         self.gauges.open.set(st.paused.is_some() as i64);
     }
 
-    /// How long the queue ahead would take to drain, from the limit and the latency baseline.
-    fn drain_estimate(st: &HostState) -> Duration {
+    /// When an event turned away now should come back: after the queue ahead has drained
+    /// (from the limit and the latency baseline) and after those turned away before it.
+    fn come_back_in(st: &mut HostState) -> Duration {
+        let now = Instant::now();
         let rtt = st.limiter.baseline().unwrap_or(0.05).max(0.001);
         let per_sec = st.limiter.limit() as f64 / rtt;
-        let secs = (st.waiters.len() + st.in_flight) as f64 / per_sec;
-        Duration::from_secs_f64(secs.clamp(0.5, 30.0))
+        let drain = Duration::from_secs_f64(((st.waiters.len() + st.in_flight) as f64 / per_sec).clamp(0.5, 30.0));
+        let at = (now + drain).max(st.horizon).min(now + MAX_HORIZON);
+        st.horizon = at + Duration::from_secs_f64((1.0 / per_sec).min(1.0));
+        at - now
     }
 }
 
@@ -227,7 +237,12 @@ pub struct Hosts {
 }
 
 impl Hosts {
-    pub fn new(settings: HostSettings, deliverer: Deliverer, metrics: Arc<Metrics>, hard: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        settings: HostSettings,
+        deliverer: Deliverer,
+        metrics: Arc<Metrics>,
+        hard: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Self { map: Mutex::new(HashMap::new()), settings, deliverer, metrics, hard })
     }
 
@@ -250,6 +265,7 @@ impl Hosts {
                 paused: None,
                 rate_timer: false,
                 last_used: Instant::now(),
+                horizon: Instant::now(),
             }),
             gauges: Gauges {
                 limit: m.host_limit.with_label_values(&labels),
@@ -291,7 +307,7 @@ impl Hosts {
                             let _ = tx.send(Grant::Busy);
                         }
                     }
-                    _ => return Admit::Busy { retry_in: Host::drain_estimate(&st) },
+                    _ => return Admit::Busy { retry_in: Host::come_back_in(&mut st) },
                 }
             }
             let (tx, rx) = oneshot::channel();
@@ -313,7 +329,7 @@ impl Hosts {
                     let mut st = host.lock();
                     let removed = st.waiters.remove(&ticket).is_some();
                     host.publish(&st);
-                    removed.then(|| Host::drain_estimate(&st))
+                    removed.then(|| Host::come_back_in(&mut st))
                 };
                 match gave_up {
                     Some(retry_in) => return Admit::Busy { retry_in },
@@ -328,7 +344,7 @@ impl Hosts {
                 Admit::Go(HostPermit { host, started: Instant::now(), in_flight: n, finished: false })
             }
             Some(Grant::Paused(d)) => Admit::Paused { retry_in: d },
-            Some(Grant::Busy) | None => Admit::Busy { retry_in: Host::drain_estimate(&host.lock()) },
+            Some(Grant::Busy) | None => Admit::Busy { retry_in: Host::come_back_in(&mut host.lock()) },
         }
     }
 
@@ -340,6 +356,12 @@ impl Hosts {
             let st = h.lock();
             st.paused.is_none() && (!st.waiters.is_empty() || st.in_flight >= st.limiter.limit())
         })
+    }
+
+    /// When an event that cannot wait for this host should come back (see `come_back_in`).
+    pub fn busy_retry_in(&self, host: &str) -> Duration {
+        let h = crate::lock(&self.map).get(host).cloned();
+        h.map(|h| Host::come_back_in(&mut h.lock())).unwrap_or(Duration::from_millis(500))
     }
 
     pub fn is_paused(&self, host: &str) -> bool {
@@ -410,7 +432,8 @@ impl Hosts {
         let before = map.len();
         map.retain(|key, h| {
             let st = h.lock();
-            let keep = st.in_flight > 0 || !st.waiters.is_empty() || st.paused.is_some() || st.last_used.elapsed() < idle;
+            let keep =
+                st.in_flight > 0 || !st.waiters.is_empty() || st.paused.is_some() || st.last_used.elapsed() < idle;
             if !keep {
                 self.metrics.remove_host(key);
             }

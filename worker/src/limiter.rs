@@ -40,7 +40,7 @@ impl Default for LimitSettings {
             adaptive: true,
             initial: 4,
             max: 32,
-            rtt_tolerance: 0.5,
+            rtt_tolerance: 1.0,
             decrease: 0.75,
             plateau: Duration::from_secs(120),
         }
@@ -50,6 +50,8 @@ impl Default for LimitSettings {
 /// Shortest and longest evaluation window.
 const MIN_WINDOW: Duration = Duration::from_millis(10);
 const MAX_WINDOW: Duration = Duration::from_secs(1);
+/// Smallest latency rise that counts as congestion.
+const MIN_RISE: f64 = 0.005;
 /// Time over which the latency baseline follows a lasting rise.
 const BASELINE_RISE: Duration = Duration::from_secs(60);
 
@@ -116,16 +118,17 @@ impl AdaptiveLimit {
     /// Record one finished request: how long it took, how it went, and how many requests
     /// were in flight when it was sent (itself included).
     pub fn on_response(&mut self, now: Instant, rtt: Duration, signal: Signal, in_flight: usize) {
-        if !self.s.adaptive {
-            return;
-        }
+        // A fixed limit still measures the latency baseline (it tells how fast the host
+        // drains its queue).
         let start = *self.window_start.get_or_insert(now);
         self.count += 1;
         self.peak_in_flight = self.peak_in_flight.max(in_flight);
         match signal {
             Signal::Ok => self.rtt_sum += rtt.as_secs_f64(),
             // A burst of failures sent at the old limit is one signal, not one per request.
-            Signal::Backpressure if self.last_cut.is_some_and(|c| now.checked_sub(rtt).is_some_and(|sent| sent < c)) => {
+            Signal::Backpressure
+                if self.last_cut.is_some_and(|c| now.checked_sub(rtt).is_some_and(|sent| sent < c)) =>
+            {
                 self.count -= 1;
                 return;
             }
@@ -143,15 +146,28 @@ impl AdaptiveLimit {
         let ok_count = if self.pushed_back { self.count.saturating_sub(1) } else { self.count };
         let mean = (ok_count > 0).then(|| self.rtt_sum / ok_count as f64);
         let congested = match (mean, self.baseline) {
-            (Some(m), Some(b)) => m > b * (1.0 + self.s.rtt_tolerance) && m - b > 0.002,
+            // Loopback receivers answer in a millisecond or two, where scheduling noise
+            // alone doubles latency: a rise also has to be worth noticing in absolute terms.
+            (Some(m), Some(b)) => m > b * (1.0 + self.s.rtt_tolerance) && m - b > MIN_RISE,
             _ => false,
         };
-        if self.pushed_back || congested {
+        if !self.s.adaptive {
+            // Measure only.
+        } else if self.pushed_back || congested {
             let before = self.limit;
-            self.limit = (self.limit * self.s.decrease).max(1.0);
+            // Latency alone cuts gently; an answer that pushes back cuts harder.
+            let factor = if self.pushed_back { self.s.decrease } else { (1.0 + self.s.decrease) / 2.0 };
+            self.limit = (self.limit * factor).max(1.0);
             self.last_cut = Some(now);
             if self.pushed_back {
-                self.ceiling = Some((before, now));
+                // The ceiling marks the highest limit that was refused lately. Push-backs at
+                // lower limits (sporadic 503s) cut the limit but do not lower the ceiling, or
+                // the limit would ratchet down to one.
+                let keep =
+                    matches!(self.ceiling, Some((c, at)) if c > before && now.duration_since(at) < self.s.plateau);
+                if !keep {
+                    self.ceiling = Some((before, now));
+                }
             }
         } else if self.peak_in_flight >= self.limit() {
             let capped = matches!(self.ceiling, Some((c, at)) if self.limit + 1.0 >= c && now.duration_since(at) < self.s.plateau);
@@ -275,7 +291,8 @@ mod tests {
                 // A pool counts the requests it serves: failed ones do not hold a connection.
                 let served = flying.iter().filter(|f| !f.2).count() + 1;
                 let over = r.hard_limit.is_some_and(|h| served > h);
-                let ms = if over { 1.0 } else { (r.base_ms + r.per_extra_ms * n.saturating_sub(r.knee) as f64) * noise };
+                let ms =
+                    if over { 1.0 } else { (r.base_ms + r.per_extra_ms * n.saturating_sub(r.knee) as f64) * noise };
                 flying.push((now + Duration::from_secs_f64(ms / 1000.0), n, over, now));
             }
             // Advance to the next completion.
@@ -345,6 +362,24 @@ mod tests {
         let o = simulate(LimitSettings { max: 64, ..Default::default() }, r, 30);
         assert!(o.mean_limit_last_half < 20.0, "settled at {}", o.mean_limit_last_half);
         assert!(o.mean_limit_last_half >= 4.0, "settled at {}", o.mean_limit_last_half);
+    }
+
+    #[test]
+    fn sporadic_push_back_does_not_ratchet_the_limit_down() {
+        // One answer in a hundred is a 503 whatever the load (a flaky dependency).
+        let mut l = AdaptiveLimit::new(LimitSettings { max: 32, ..Default::default() });
+        let t0 = Instant::now();
+        let mut lows = vec![];
+        for i in 0..20_000u64 {
+            let n = l.limit();
+            let signal = if i % 100 == 99 { Signal::Backpressure } else { Signal::Ok };
+            l.on_response(t0 + Duration::from_millis(i), Duration::from_millis(3), signal, n);
+            if i > 10_000 {
+                lows.push(l.limit());
+            }
+        }
+        let mean = lows.iter().sum::<usize>() as f64 / lows.len() as f64;
+        assert!(mean >= 8.0, "settled at {mean}");
     }
 
     #[test]

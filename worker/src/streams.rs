@@ -450,8 +450,7 @@ impl Scripts {
 
     /// Take or renew a lease for `ttl`; true when `owner` holds it.
     pub async fn lease(&self, con: &mut ConnectionManager, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        let n: i64 =
-            self.lease.key(key).arg(owner).arg(ttl.as_millis().max(1) as u64).invoke_async(con).await?;
+        let n: i64 = self.lease.key(key).arg(owner).arg(ttl.as_millis().max(1) as u64).invoke_async(con).await?;
         Ok(n == 1)
     }
 

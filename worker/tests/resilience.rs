@@ -163,37 +163,44 @@ async fn grace_period_expiry_leaves_in_flight_events_pending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_consumers_entries_are_taken_over() {
-    let redis = RedisServer::start();
-    let sink = Sink::start().await;
-    let mut con = redis.con().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("events:fast")
-        .arg("workers")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    produce(&mut con, "events:fast", &events("d", 5)).await;
-    // A consumer on another pod reads them and dies.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("workers")
-        .arg("worker-fast-dead-pod")
-        .arg("COUNT")
-        .arg(5)
-        .arg("STREAMS")
-        .arg("events:fast")
-        .arg(">")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(pending(&mut con, "events:fast", "workers").await, 5);
-    let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("CLAIM_IDLE", "1")]);
-    wait_until("taken over and delivered", T, || async { id_counts(&sink.posts("/e")).len() == 5 }).await;
-    wait_until("acknowledged", T, || async { pending(&mut con.clone(), "events:fast", "workers").await == 0 }).await;
-    assert_eq!(w.metric("events_claimed_total{source=\"autoclaim\",stream=\"events:fast\"}").await, 5.0);
+    // Unordered streams take idle entries over after CLAIM_IDLE; an ordered stream's new
+    // lease holder takes over everything left pending at once, before reading new entries.
+    for (ordering, source) in [("none", "autoclaim"), ("key", "lease_takeover")] {
+        let redis = RedisServer::start();
+        let sink = Sink::start().await;
+        let mut con = redis.con().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg("events:fast")
+            .arg("workers")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        produce(&mut con, "events:fast", &events("d", 5)).await;
+        // A consumer on another pod reads them and dies.
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("workers")
+            .arg("worker-fast-dead-pod")
+            .arg("COUNT")
+            .arg(5)
+            .arg("STREAMS")
+            .arg("events:fast")
+            .arg(">")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(pending(&mut con, "events:fast", "workers").await, 5);
+        let w =
+            Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("CLAIM_IDLE", "1"), ("ORDERING", ordering)]);
+        wait_until("taken over and delivered", T, || async { id_counts(&sink.posts("/e")).len() == 5 }).await;
+        wait_until("acknowledged", T, || async { pending(&mut con.clone(), "events:fast", "workers").await == 0 })
+            .await;
+        let series = format!("events_claimed_total{{source=\"{source}\",stream=\"events:fast\"}}");
+        assert_eq!(w.metric(&series).await, 5.0, "{ordering}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

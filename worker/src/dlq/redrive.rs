@@ -222,7 +222,8 @@ pub async fn replay(
     let rows = filter.apply(sink.list().await?);
     let mut report = ReplayReport { dry_run: opts.dry_run, matched: rows.len(), ..Default::default() };
     // Bounded: a tiny rate (1e-300) must not overflow the pause.
-    let pause = opts.rate.filter(|r| *r > 0.0).and_then(|r| crate::retry::bounded_secs(1.0 / r, Duration::from_secs(3600)));
+    let pause =
+        opts.rate.filter(|r| *r > 0.0).and_then(|r| crate::retry::bounded_secs(1.0 / r, Duration::from_secs(3600)));
     let mut next = tokio::time::Instant::now();
     for row in rows {
         let target = stream_key(opts.stream.as_deref().or(row.stream.as_deref()).unwrap_or(default_stream));

@@ -184,6 +184,13 @@ struct SinkState {
     log: Arc<Mutex<Vec<Received>>>,
     behaviour: Arc<Mutex<Behaviour>>,
     record_bodies: bool,
+    /// Like an application whose connection pool holds this many: beyond it, requests are
+    /// answered `500 Too many connections` at once.
+    pool: Arc<Mutex<Option<usize>>>,
+    /// Requests seen per (method, path), so a reply can depend on it without a scan.
+    seen: Arc<Mutex<HashMap<(Method, String), usize>>>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A real HTTP server on 127.0.0.1 that records every request. The behaviour gets the
@@ -204,6 +211,10 @@ impl Sink {
             log: Arc::new(Mutex::new(Vec::new())),
             behaviour: Arc::new(Mutex::new(Arc::new(|_: &Received, _| Reply::ok()))),
             record_bodies,
+            pool: Arc::default(),
+            seen: Arc::default(),
+            in_flight: Arc::default(),
+            peak: Arc::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -220,6 +231,21 @@ impl Sink {
 
     pub fn respond(&self, f: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static) {
         *self.state.behaviour.lock().unwrap() = Arc::new(f);
+    }
+
+    /// Behave like an application with a pool of `n` connections (see [`SinkState::pool`]).
+    pub fn pool(&self, n: usize) {
+        *self.state.pool.lock().unwrap() = Some(n);
+    }
+
+    /// Most requests the sink had in progress at once.
+    pub fn peak_concurrency(&self) -> usize {
+        self.state.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests answered with `status`.
+    pub fn answered(&self, status: u16) -> usize {
+        self.state.log.lock().unwrap().iter().filter(|r| r.status == status).count()
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -244,7 +270,20 @@ impl Sink {
     }
 }
 
+struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 async fn handle(State(s): State<SinkState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    use std::sync::atomic::Ordering::SeqCst;
+    let now_in = s.in_flight.fetch_add(1, SeqCst) + 1;
+    let _counted = Counted(s.in_flight.clone());
+    s.peak.fetch_max(now_in, SeqCst);
+    let over_pool = s.pool.lock().unwrap().is_some_and(|p| now_in > p);
     let req = Received {
         method,
         path: uri.path().to_string(),
@@ -256,8 +295,13 @@ async fn handle(State(s): State<SinkState>, method: Method, uri: Uri, headers: H
     let behaviour = s.behaviour.lock().unwrap().clone();
     let reply = {
         let mut log = s.log.lock().unwrap();
-        let seen = log.iter().filter(|r| r.method == req.method && r.path == req.path).count();
-        let reply = behaviour(&req, seen);
+        let seen = {
+            let mut counts = s.seen.lock().unwrap();
+            let n = counts.entry((req.method.clone(), req.path.clone())).or_insert(0);
+            *n += 1;
+            *n - 1
+        };
+        let reply = if over_pool { Reply::status(500) } else { behaviour(&req, seen) };
         log.push(Received { status: reply.status, ..req });
         reply
     };
