@@ -8,6 +8,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,30 @@ async fn start_sink(log: Log) -> u16 {
                 log.0.lock().unwrap().push((id, unix_now()));
             }
             ""
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+/// A receiver like a small application: each request takes `service` and holds one of
+/// `pool` connections; beyond that it answers `500 Too many connections`.
+async fn start_pool_sink(pool: usize, service: Duration, ok: Arc<AtomicUsize>, overloads: Arc<AtomicUsize>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().fallback(move || {
+        let (busy, ok, overloads) = (busy.clone(), ok.clone(), overloads.clone());
+        async move {
+            if busy.fetch_add(1, SeqCst) >= pool {
+                busy.fetch_sub(1, SeqCst);
+                overloads.fetch_add(1, SeqCst);
+                return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            tokio::time::sleep(service).await;
+            busy.fetch_sub(1, SeqCst);
+            ok.fetch_add(1, SeqCst);
+            axum::http::StatusCode::OK
         }
     });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -84,6 +109,72 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+struct Rounds {
+    rate: f64,
+    raw: Option<f64>,
+    cpu: f64,
+    rss: f64,
+}
+
+/// Backlog rounds: fill, drain with a fresh worker, measure; medians over the rounds.
+#[allow(clippy::too_many_arguments)]
+async fn run_rounds(
+    redis: &RedisServer,
+    con: &mut redis::aio::MultiplexedConnection,
+    log: &Log,
+    port: u16,
+    sink_url: &str,
+    env: &[(&str, &str)],
+    total: u64,
+    rounds: u64,
+) -> Rounds {
+    let (mut raws, mut rates, mut cpus, mut rsss) = (vec![], vec![], vec![], vec![]);
+    for round in 1..=rounds {
+        // Raw HTTP rate of wrk against the same sink, right before the worker's round.
+        let raw = wrk_rate(&format!("http://127.0.0.1:{port}/events/raw"));
+        if let Some(r) = raw {
+            raws.push(r);
+        }
+        log.0.lock().unwrap().clear();
+        let per = total / STREAMS.len() as u64;
+        for (i, s) in STREAMS.iter().enumerate() {
+            produce(con, &format!("events:{s}"), &events(i as u64 * per, per)).await;
+        }
+        let filled = per * STREAMS.len() as u64;
+        let mut w = Worker::start(redis, sink_url, env);
+        let (pid, redis_pid) = (w.child.id(), redis.pid());
+        let (cw, cr, cb) = (cpu_seconds(pid), cpu_seconds(redis_pid), cpu_seconds(std::process::id()));
+        wait_until("backlog delivered", Duration::from_secs(600), || async {
+            log.0.lock().unwrap().len() as u64 >= filled
+        })
+        .await;
+        let (first, last) = {
+            let l = log.0.lock().unwrap();
+            (l.iter().map(|x| x.1).fold(f64::MAX, f64::min), l.iter().map(|x| x.1).fold(0.0, f64::max))
+        };
+        let drain = filled as f64 / (last - first);
+        let us = |c: f64| c * 1e6 / filled as f64;
+        let cpu =
+            (us(cpu_seconds(pid) - cw), us(cpu_seconds(redis_pid) - cr), us(cpu_seconds(std::process::id()) - cb));
+        let rss = peak_rss_mb(pid);
+        let deferred = w.metric_sum("events_deferred_total").await;
+        println!(
+            "  round {round}: raw HTTP {:>7.0} req/s | worker {drain:>6.0} events/s | CPU/event worker {:.1} us, redis {:.1} us, sink {:.1} us | peak RSS {rss:.1} MB | deferred {deferred}",
+            raw.unwrap_or(f64::NAN),
+            cpu.0,
+            cpu.1,
+            cpu.2
+        );
+        rates.push(drain);
+        cpus.push(cpu.0);
+        rsss.push(rss);
+        w.sigterm();
+        let _ = w.wait_exit(Duration::from_secs(30)).await;
+    }
+
+    Rounds { rate: median(rates), raw: (!raws.is_empty()).then(|| median(raws)), cpu: median(cpus), rss: median(rsss) }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
@@ -108,47 +199,12 @@ async fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     let mut con = redis.con().await;
-    let (mut raws, mut rates, mut cpus, mut rsss) = (vec![], vec![], vec![], vec![]);
-    for round in 1..=rounds {
-        // Raw HTTP rate of wrk against the same sink, right before the worker's round.
-        let raw = wrk_rate(&format!("http://127.0.0.1:{port}/events/raw"));
-        if let Some(r) = raw {
-            raws.push(r);
-        }
-        log.0.lock().unwrap().clear();
-        let per = total / STREAMS.len() as u64;
-        for (i, s) in STREAMS.iter().enumerate() {
-            produce(&mut con, &format!("events:{s}"), &events(i as u64 * per, per)).await;
-        }
-        let filled = per * STREAMS.len() as u64;
-        let mut w = Worker::start(&redis, &sink_url, &env);
-        let (pid, redis_pid) = (w.child.id(), redis.pid());
-        let (cw, cr, cb) = (cpu_seconds(pid), cpu_seconds(redis_pid), cpu_seconds(std::process::id()));
-        wait_until("backlog delivered", Duration::from_secs(600), || async {
-            log.0.lock().unwrap().len() as u64 >= filled
-        })
-        .await;
-        let (first, last) = {
-            let l = log.0.lock().unwrap();
-            (l.iter().map(|x| x.1).fold(f64::MAX, f64::min), l.iter().map(|x| x.1).fold(0.0, f64::max))
-        };
-        let drain = filled as f64 / (last - first);
-        let us = |c: f64| c * 1e6 / filled as f64;
-        let cpu =
-            (us(cpu_seconds(pid) - cw), us(cpu_seconds(redis_pid) - cr), us(cpu_seconds(std::process::id()) - cb));
-        let rss = peak_rss_mb(pid);
-        println!(
-            "  round {round}: raw HTTP {:>7.0} req/s | worker {drain:>6.0} events/s | CPU/event worker {:.1} us, redis {:.1} us, sink {:.1} us | peak RSS {rss:.1} MB",
-            raw.unwrap_or(f64::NAN),
-            cpu.0,
-            cpu.1,
-            cpu.2
-        );
-        rates.push(drain);
-        cpus.push(cpu.0);
-        rsss.push(rss);
-        w.sigterm();
-        let _ = w.wait_exit(Duration::from_secs(30)).await;
+    let mut raised_env = env.clone();
+    raised_env.push(("HOST_MAX_CONCURRENCY", "256"));
+    let mut results = vec![];
+    for (label, e) in [("default host cap (32)", &env), ("host cap raised to 256", &raised_env)] {
+        println!("{label}:");
+        results.push((label, run_rounds(&redis, &mut con, &log, port, &sink_url, e, total, rounds).await));
     }
 
     // Steady load: latency from the producer's clock at XADD to receipt at the sink.
@@ -186,21 +242,47 @@ async fn main() {
     let rss_steady = peak_rss_mb(w.child.id());
     drop(w);
 
-    println!("summary (medians of {rounds} rounds):");
-    let (rate_m, raw_m) = (median(rates), median(raws.clone()));
-    println!("  throughput:        {rate_m:.0} events/s (backlog of {total} over 4 streams)");
-    if raws.is_empty() {
-        println!("  raw HTTP:          wrk not installed (apt-get install wrk)");
-    } else {
-        println!("  raw HTTP (wrk):    {raw_m:.0} req/s against the same sink (wrk -t1 -c64, POST)");
-        println!("  ratio:             {:.2}", rate_m / raw_m);
+    // A receiver sized for the original worker: 100 connections, 20 ms per request.
+    let (ok, overloads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let pool_port = start_pool_sink(100, Duration::from_millis(20), ok.clone(), overloads.clone()).await;
+    let pool_n = (total / 5).max(1000);
+    let per = pool_n / STREAMS.len() as u64;
+    for (i, s) in STREAMS.iter().enumerate() {
+        produce(&mut con, &format!("events:{s}"), &events(20_000_000 + i as u64 * per, per)).await;
     }
-    println!("  worker CPU/event:  {:.1} us", median(cpus));
+    let pool_total = per * STREAMS.len() as u64;
+    let started = Instant::now();
+    let w = Worker::start(&redis, &format!("http://127.0.0.1:{pool_port}/events/[EVENT_TYPE]"), &env);
+    wait_until("pool receiver backlog handled", Duration::from_secs(600), || async {
+        (ok.load(SeqCst) + overloads.load(SeqCst)) as u64 >= pool_total
+    })
+    .await;
+    let pool_rate = pool_total as f64 / started.elapsed().as_secs_f64();
+    drop(w);
+
+    println!("summary (medians of {rounds} rounds):");
+    for (label, r) in &results {
+        println!("  {label}:");
+        println!("    throughput:        {:.0} events/s (backlog of {total} over 4 streams)", r.rate);
+        match r.raw {
+            None => println!("    raw HTTP:          wrk not installed (apt-get install wrk)"),
+            Some(raw) => {
+                println!("    raw HTTP (wrk):    {raw:.0} req/s against the same sink (wrk -t1 -c64, POST)");
+                println!("    ratio:             {:.2}", r.rate / raw);
+            }
+        }
+        println!("    worker CPU/event:  {:.1} us", r.cpu);
+        println!("    peak RSS:          {:.1} MB", r.rss);
+    }
+    println!(
+        "  100-connection receiver (20 ms/request), defaults: {pool_rate:.0} events/s, {} overload answers (500) of {pool_total}",
+        overloads.load(SeqCst)
+    );
     println!(
         "  latency at {rate}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (XADD -> received)",
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
         lat.last().copied().unwrap_or(f64::NAN)
     );
-    println!("  peak RSS:          {:.1} MB backlog, {rss_steady:.1} MB steady", median(rsss));
+    println!("  peak RSS steady:   {rss_steady:.1} MB");
 }

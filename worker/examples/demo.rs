@@ -21,7 +21,7 @@ const TYPES: [(&str, &str); 5] = [
     ("user.created", "200 OK"),
     ("order.placed", "200 OK"),
     ("invoice.sent", "400 + X-Retry-After: 1 on the first try, then 200 (scheduled retry)"),
-    ("report.ready", "503 for the first two seconds (host paused, probed, resumed)"),
+    ("report.ready", "503 for the first five seconds: its host is paused and probed, the others keep flowing"),
     ("legacy.ping", "410 Gone (dead-lettered)"),
 ];
 
@@ -43,7 +43,7 @@ async fn main() {
         _ => Reply::ok(),
     });
     flaky
-        .respond(move |_, _| if started.elapsed() < Duration::from_secs(2) { Reply::status(503) } else { Reply::ok() });
+        .respond(move |_, _| if started.elapsed() < Duration::from_secs(5) { Reply::status(503) } else { Reply::ok() });
     println!("  sink               {}", sink.url("/events/[EVENT_TYPE]"));
     println!("  second sink        {} (report.ready goes here via meta.url)", flaky.url("/reports"));
     for (t, what) in TYPES {
@@ -100,14 +100,14 @@ async fn main() {
                 .unwrap();
             malformed += 1;
         }
-        progress(&sink, &flaky, published, total);
+        progress(&sink, &flaky, &w, published, total).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let expected = total + malformed;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let done = delivered(&sink, &flaky) + sink.count(axum::http::Method::POST, "/dlq");
-        progress(&sink, &flaky, published, total);
+        progress(&sink, &flaky, &w, published, total).await;
         if done >= expected || Instant::now() > deadline {
             break;
         }
@@ -137,14 +137,20 @@ async fn main() {
     let retried =
         sink.posts("/events/invoice.sent").iter().filter(|r| r.header("x-event-attempt") == Some("2")).count();
     let probes = flaky.count(axum::http::Method::OPTIONS, "/");
+    let deferred = w.metric_sum("events_deferred_total").await;
     println!("\nScheduled retries delivered on attempt 2: {retried}; OPTIONS probes of the paused host: {probes}");
+    println!("Events put off while their host was paused (no attempt used): {deferred}");
     println!("{expected} entries handled in {elapsed:.1}s; nothing left pending: {}", pending_all(&redis).await == 0);
     println!("\nA few metrics from /metrics:");
     let (_, metrics) = w.get("/metrics").await;
     for l in metrics
         .lines()
-        .filter(|l| l.starts_with("events_processed_total") || l.starts_with("events_dead_lettered_total"))
-        .take(8)
+        .filter(|l| {
+            ["events_processed_total", "events_dead_lettered_total", "host_concurrency_limit", "events_deferred_total"]
+                .iter()
+                .any(|m| l.starts_with(m))
+        })
+        .take(12)
     {
         println!("  {l}");
     }
@@ -155,10 +161,13 @@ fn delivered(sink: &Sink, flaky: &Sink) -> usize {
     sink.delivered_ids("/events/").len() + flaky.delivered_ids("/reports").len()
 }
 
-fn progress(sink: &Sink, flaky: &Sink, published: usize, total: usize) {
+async fn progress(sink: &Sink, flaky: &Sink, w: &Worker, published: usize, total: usize) {
+    let paused = w.metric(&format!("host_circuit_open{{host=\"http://127.0.0.1:{}\"}}", flaky.port)).await == 1.0;
     print!(
-        "\r  published {published:>6}/{total} | delivered {:>6} | dead-lettered {:>5}   ",
-        delivered(sink, flaky),
+        "\r  published {published:>6}/{total} | delivered {:>6} to the main sink, {:>5} to the second ({:<6}) | dead-lettered {:>5}   ",
+        sink.delivered_ids("/events/").len(),
+        flaky.delivered_ids("/reports").len(),
+        if paused { "paused" } else { "open" },
         sink.count(axum::http::Method::POST, "/dlq")
     );
     let _ = std::io::stdout().flush();

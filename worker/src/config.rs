@@ -150,7 +150,7 @@ pub struct Args {
     pub host_rate_limit: f64,
     /// Most events waiting for a slot at one host; beyond, events are deferred to the
     /// retry schedule (no attempt counted).
-    #[arg(long, env = "HOST_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "HOST_QUEUE", default_value_t = 4096)]
     pub host_queue: usize,
     /// Per-host overrides as JSON: {"https://api.example.com": {"maxConcurrency": 8,
     /// "rateLimit": 50, "concurrency": "fixed"}}.
@@ -719,7 +719,7 @@ pub(crate) mod tests {
     fn flow_control_settings() {
         let c = parse(&[]).unwrap();
         assert_eq!((c.hosts.limit.max, c.hosts.limit.initial, c.hosts.limit.adaptive), (32, 4, true));
-        assert_eq!((c.hosts.rate, c.hosts.queue), (None, 1024));
+        assert_eq!((c.hosts.rate, c.hosts.queue), (None, 4096));
         assert_eq!(c.priority_for("critical"), 0);
         assert_eq!(c.priority_for("slow"), 3);
         let c = parse(&[

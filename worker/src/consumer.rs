@@ -31,7 +31,7 @@ const BLOCK: Duration = Duration::from_secs(1);
 /// Most entries read per round trip.
 const READ_BATCH: usize = 256;
 /// Events that may wait for a host without holding a read slot, per read slot.
-const PARKED_PER_SLOT: usize = 8;
+const PARKED_PER_SLOT: usize = 4;
 /// Longest wait for more free slots before a read, when nearly all are taken.
 const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Most entries acknowledged per round trip.
@@ -127,6 +127,8 @@ pub(crate) struct Stream {
     /// Held ordering keys (ordered streams, while this worker holds the lease).
     pub holds: Holds,
     pub held_key: String,
+    /// Target hosts of recent events, and when each was last seen.
+    pub hosts_seen: Mutex<HashMap<Arc<str>, Instant>>,
 }
 
 /// Consume one stream until shutdown, then drain.
@@ -152,6 +154,7 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
         in_flight_gauge: w.metrics.in_flight.with_label_values(&[&key]),
         holds: Holds::default(),
         held_key,
+        hosts_seen: Mutex::new(HashMap::new()),
         key,
         w,
     });

@@ -23,6 +23,10 @@ const SINK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest the head of a key's lane waits for its host before it is deferred (its lane's
 /// later events hold read slots meanwhile).
 const LANE_WAIT: Duration = Duration::from_secs(2);
+/// Longest an event waits for its host while holding a read slot (no parking slot free).
+const READ_SLOT_WAIT: Duration = Duration::from_secs(1);
+/// How long a host counts as one the stream sends to.
+const HOSTS_SEEN_FOR: Duration = Duration::from_secs(30);
 /// Events of a held key put back into the stream at once when the key is handed on.
 const RELEASE_BATCH: usize = 100;
 /// Longest a scheduled retry waits for a 429 without Retry-After.
@@ -38,41 +42,47 @@ impl Stream {
         let mut failures = ev.prior_failures;
         if job.recovered {
             let c = &counter;
-            let Some(n) =
-                w.redis_retry("get_attempts", |mut con| async move { streams::get_failures(&mut con, c).await }).await
+            let Some(n) = Box::pin(
+                w.redis_retry("get_attempts", |mut con| async move { streams::get_failures(&mut con, c).await }),
+            )
+            .await
             else {
                 return;
             };
             failures = failures.max(n);
             if exhausted(failures, cfg.max_attempts) {
-                return self.dead_letter(job, lane, "max_attempts", failures).await;
+                return Box::pin(self.dead_letter(job, lane, "max_attempts", failures)).await;
             }
         }
         let Some(target) = w.deliverer.target(ev) else {
             w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, "invalid_url"]).inc();
-            return self.dead_letter(job, lane, "invalid_url", failures + 1).await;
+            return Box::pin(self.dead_letter(job, lane, "invalid_url", failures + 1)).await;
         };
 
         // Admission. An event that has to wait gives its read slot up for a parking slot,
-        // so that the stream goes on reading for other hosts; with none free it is deferred.
-        let must_wait = w.hosts.must_wait(&target.host);
-        if must_wait {
-            match self.parked.clone().try_acquire_owned() {
-                Ok(p) => job.claim.slot = Some(p),
-                Err(_) => {
-                    let retry_in = w.hosts.busy_retry_in(&target.host);
-                    return self.defer(job, lane, retry_in, "host_busy", failures).await;
-                }
-            }
-        }
-        let max_wait = match (self.ordering, lane) {
-            (Ordering::Key, Some(_)) => Some(LANE_WAIT),
+        // so that the stream goes on reading for other hosts. With no parking slot free it
+        // waits a moment with its read slot (which slows reading down to what the hosts
+        // take, instead of churning events through the retry schedule), then is deferred.
+        // Waiting is bounded only where there is someone to make room for: a stream that
+        // sends to one host alone just reads as fast as that host takes events.
+        let shared = self.sees_other_hosts(&target.host);
+        let mut max_wait = match (self.ordering, lane) {
+            (Ordering::Key, Some(_)) if shared => Some(LANE_WAIT),
             _ => None,
         };
+        if w.hosts.must_wait(&target.host) {
+            match self.parked.clone().try_acquire_owned() {
+                Ok(p) => job.claim.slot = Some(p),
+                Err(_) if shared => max_wait = Some(max_wait.map_or(READ_SLOT_WAIT, |m| m.min(READ_SLOT_WAIT))),
+                Err(_) => {}
+            }
+        }
         let permit = match w.hosts.admit(&target, self.priority, max_wait).await {
             Admit::Go(p) => p,
-            Admit::Paused { retry_in } => return self.defer(job, lane, retry_in, "host_paused", failures).await,
-            Admit::Busy { retry_in } => return self.defer(job, lane, retry_in, "host_busy", failures).await,
+            Admit::Paused { retry_in } => {
+                return Box::pin(self.defer(job, lane, retry_in, "host_paused", failures)).await
+            }
+            Admit::Busy { retry_in } => return Box::pin(self.defer(job, lane, retry_in, "host_busy", failures)).await,
         };
         if w.shutdown.hard.is_cancelled() {
             return; // admitted just as the grace period ended: leave it pending
@@ -107,34 +117,39 @@ impl Stream {
             }
             Outcome::DeadLetter { .. } => {
                 w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, &reason]).inc();
-                self.dead_letter(job, lane, &reason, attempt).await
+                Box::pin(self.dead_letter(job, lane, &reason, attempt)).await
             }
             Outcome::Schedule { .. } | Outcome::HostDown { .. } => {
                 w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, &reason]).inc();
-                let (c, ttl) = (&counter, cfg.attempt_ttl);
-                let Some(n) = w
-                    .redis_retry(
-                        "count_attempt",
-                        |mut con| async move { streams::count_failure(&mut con, c, ttl).await },
-                    )
-                    .await
-                else {
-                    return;
-                };
-                failures = n.max(attempt);
-                tracing::debug!(stream = %self.key, id = ev.dlq_id(), %reason, failures, "delivery failed");
-                if exhausted(failures, cfg.max_attempts) {
-                    return self.dead_letter(job, lane, &reason, failures).await;
-                }
-                let delay = match outcome {
-                    Outcome::Schedule { delay, .. } => {
-                        delay.unwrap_or_else(|| backoff(cfg.retry_backoff, failures, SCHEDULE_BACKOFF_CAP))
-                    }
-                    _ => backoff(cfg.backoff_base, failures, cfg.backoff_max),
-                };
-                self.schedule(job, lane, delay, failures, &reason, false).await
+                Box::pin(self.retry_later(job, lane, outcome, attempt, &counter)).await
             }
         }
+    }
+
+    /// A failed attempt that may be retried: count it, then schedule the retry with the
+    /// receiver's delay or the event's backoff, or dead-letter when out of attempts.
+    async fn retry_later(&self, job: Job, lane: Option<&str>, outcome: Outcome, attempt: u32, counter: &str) {
+        let (w, cfg) = (&self.w, &self.w.cfg);
+        let reason = outcome.reason().to_string();
+        let ttl = cfg.attempt_ttl;
+        let Some(n) = w
+            .redis_retry("count_attempt", |mut con| async move { streams::count_failure(&mut con, counter, ttl).await })
+            .await
+        else {
+            return;
+        };
+        let failures = n.max(attempt);
+        tracing::debug!(stream = %self.key, id = job.ev.dlq_id(), %reason, failures, "delivery failed");
+        if exhausted(failures, cfg.max_attempts) {
+            return self.dead_letter(job, lane, &reason, failures).await;
+        }
+        let delay = match outcome {
+            Outcome::Schedule { delay, .. } => {
+                delay.unwrap_or_else(|| backoff(cfg.retry_backoff, failures, SCHEDULE_BACKOFF_CAP))
+            }
+            _ => backoff(cfg.backoff_base, failures, cfg.backoff_max),
+        };
+        self.schedule(job, lane, delay, failures, &reason, false).await
     }
 
     /// Put an event off without an attempt (its host is paused or saturated): back to the
@@ -162,7 +177,7 @@ impl Stream {
         let age = event::now_unix() - ev.born();
         if age > w.cfg.max_event_age.as_secs_f64() {
             tracing::warn!(stream = %self.key, id = ev.dlq_id(), age_s = age as u64, last = reason, "event past MAX_EVENT_AGE: dead-lettering it");
-            return self.dead_letter(job, lane, "max_age", failures).await;
+            return Box::pin(self.dead_letter(job, lane, "max_age", failures)).await;
         }
         let due = event::now_unix() + delay.min(MAX_SCHEDULE_DELAY).as_secs_f64();
         let mut meta = ev.meta.clone();
@@ -238,17 +253,22 @@ impl Stream {
     /// The event is done with (delivered, or accepted by the dead-letter sink): acknowledge
     /// it, and hand its key on when it held it.
     async fn finished(&self, job: Job, lane: Option<&str>, clear_counter: bool) {
-        let w = &self.w;
         let ev = &job.ev;
         let counter = counter_key(&self.key, ev.dlq_id());
         let holder = lane.filter(|k| ev.hold_token.is_some() && self.holds.token(k) == ev.hold_token);
         let (Some(key), Some(token)) = (holder, ev.hold_token.as_deref()) else {
             return self.ack(&ev.entry_id, clear_counter.then_some(counter)).await;
         };
+        Box::pin(self.release(ev, key, token, &counter)).await
+    }
+
+    /// Acknowledge an event that held its key and hand the key on (see `ordering.rs`).
+    async fn release(&self, ev: &Event, key: &str, token: &str, counter: &str) {
+        let w = &self.w;
         let keys = HoldKeys::new(&w.cfg.group, &self.key, key);
         let next = new_token();
         let (group, delete) = (&w.cfg.group, w.cfg.delete_on_ack);
-        let (k, keys_ref, c, n, id, sk) = (key, &keys, &counter, &next, &ev.entry_id, &self.key);
+        let (k, keys_ref, c, n, id, sk) = (key, &keys, counter, &next, &ev.entry_id, &self.key);
         let released = w
             .redis_retry("hold_release", |mut con| async move {
                 w.scripts.hold_release(&mut con, sk, group, id, delete, c, k, keys_ref, token, n, RELEASE_BATCH).await
@@ -262,6 +282,17 @@ impl Stream {
             }
             self.publish_holds();
         }
+    }
+
+    /// Whether this stream has recently had events for hosts other than `host`.
+    fn sees_other_hosts(&self, host: &std::sync::Arc<str>) -> bool {
+        let now = std::time::Instant::now();
+        let mut seen = crate::lock(&self.hosts_seen);
+        seen.insert(host.clone(), now);
+        if seen.len() > 64 {
+            seen.retain(|_, at| now.duration_since(*at) < HOSTS_SEEN_FOR);
+        }
+        seen.iter().any(|(h, at)| h != host && now.duration_since(*at) < HOSTS_SEEN_FOR)
     }
 
     fn publish_holds(&self) {

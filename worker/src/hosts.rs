@@ -51,7 +51,7 @@ pub struct HostSettings {
 
 impl Default for HostSettings {
     fn default() -> Self {
-        Self { limit: LimitSettings::default(), rate: None, queue: 1024, overrides: HashMap::new() }
+        Self { limit: LimitSettings::default(), rate: None, queue: 4096, overrides: HashMap::new() }
     }
 }
 
@@ -356,12 +356,6 @@ impl Hosts {
             let st = h.lock();
             st.paused.is_none() && (!st.waiters.is_empty() || st.in_flight >= st.limiter.limit())
         })
-    }
-
-    /// When an event that cannot wait for this host should come back (see `come_back_in`).
-    pub fn busy_retry_in(&self, host: &str) -> Duration {
-        let h = crate::lock(&self.map).get(host).cloned();
-        h.map(|h| Host::come_back_in(&mut h.lock())).unwrap_or(Duration::from_millis(500))
     }
 
     pub fn is_paused(&self, host: &str) -> bool {

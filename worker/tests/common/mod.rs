@@ -409,6 +409,15 @@ impl Worker {
         .await;
     }
 
+    /// Sum of every series of one metric (all label values).
+    pub async fn metric_sum(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+
     /// Value of one sample of `/metrics`, 0 when absent. `series` is the full name with labels.
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
