@@ -76,6 +76,15 @@ pub struct EventWorkerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("maxInFlight must be at least 1"))]
     pub max_in_flight: Option<i32>,
+    /// Seconds an ordered stream's lease lives without renewal: an ordered stream (ordering
+    /// key or stream) is delivered by one pod at a time, and another pod takes it over this
+    /// long after that pod died (at once after a graceful stop). Default 15.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1.0").message("orderingLeaseSeconds must be at least 1"))]
+    pub ordering_lease_seconds: Option<f64>,
+    /// How hard the workers may push each target host (scheme, host, port).
+    #[serde(default)]
+    pub flow_control: FlowControlSpec,
 
     /// Worker container image.
     #[serde(default = "default_image")]
@@ -137,6 +146,11 @@ pub struct StreamSpec {
     /// Ordering for this stream (default: spec.ordering).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ordering: Option<Ordering>,
+    /// Admission priority at a busy host, lower first (default: the stream's position in
+    /// `streams`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("streams[].priority must not be negative"))]
+    pub priority: Option<i32>,
 }
 
 impl StreamSpec {
@@ -204,6 +218,71 @@ pub struct TargetSpec {
     pub signing_secret_ref: Option<SecretKeyRef>,
 }
 
+/// Per-host flow control: a concurrency limit per target host (adaptive by default, never
+/// above `maxConcurrencyPerHost` per pod), an optional rate limit, and per-host overrides.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowControlSpec {
+    /// Most requests at once to one host, per pod (default 32). With N replicas a host
+    /// receives up to N times this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("flowControl.maxConcurrencyPerHost must be at least 1"))]
+    pub max_concurrency_per_host: Option<i32>,
+    /// Requests at once a host starts with (default 4); the adaptive limit grows from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("flowControl.initialConcurrencyPerHost must be at least 1"))]
+    pub initial_concurrency_per_host: Option<i32>,
+    /// adaptive (default): grow while latency holds, cut on 429, 5xx, timeouts and rising
+    /// latency; fixed: always maxConcurrencyPerHost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<HostConcurrency>,
+    /// Most requests per second to one host, per pod (none when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("flowControl.rateLimitPerHost must be positive"))]
+    pub rate_limit_per_host: Option<f64>,
+    /// Overrides for particular hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub hosts: Vec<HostFlowSpec>,
+    /// Seconds after which an event that cannot be delivered (its host paused, or failing)
+    /// is dead-lettered with reason max_age, counted from meta.createdAt (default 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("flowControl.maxEventAgeSeconds must be positive"))]
+    pub max_event_age_seconds: Option<f64>,
+}
+
+/// Settings for one target host.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("self.url.startsWith('http://') || self.url.startsWith('https://')")
+        .message("flowControl.hosts[].url must start with http:// or https://")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFlowSpec {
+    /// The host, as a URL: `https://api.example.com` or `http://svc.ns:8080` (the path is
+    /// ignored).
+    #[schemars(length(min = 1, max = 512))]
+    pub url: String,
+    /// Most requests at once to this host, per pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("flowControl.hosts[].maxConcurrency must be at least 1"))]
+    pub max_concurrency: Option<i32>,
+    /// Most requests per second to this host, per pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("flowControl.hosts[].rateLimit must be positive"))]
+    pub rate_limit: Option<f64>,
+    /// adaptive or fixed, for this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<HostConcurrency>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HostConcurrency {
+    Adaptive,
+    Fixed,
+}
+
 /// Retry behaviour.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -218,6 +297,15 @@ pub struct RetrySpec {
     /// Seconds before another consumer's idle pending entry is taken over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_idle_seconds: Option<f64>,
+    /// First retry delay in seconds after a 502/503/504, timeout or connect error (default
+    /// 1; doubles per failed attempt, with jitter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("retry.hostBackoffSeconds must be positive"))]
+    pub host_backoff_seconds: Option<f64>,
+    /// Longest such delay in seconds (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("retry.hostBackoffMaxSeconds must be positive"))]
+    pub host_backoff_max_seconds: Option<f64>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -13,7 +13,9 @@ use k8s_openapi::ByteString;
 use sha2::{Digest, Sha256};
 
 use super::{child_meta, labels, selector_labels, METRICS_PORT};
-use crate::crd::{DeadLetterMode, EventWorker, EventWorkerSpec, Ordering, SecretKeyRef};
+use crate::crd::{
+    DeadLetterMode, EventWorker, EventWorkerSpec, FlowControlSpec, HostConcurrency, Ordering, SecretKeyRef,
+};
 
 /// Pod-template annotation: hash of the rendered configuration and the referenced Secrets'
 /// values, so that a change of either rolls the pods.
@@ -83,6 +85,10 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
     if !orderings.is_empty() {
         env.push(plain("STREAM_ORDERING", orderings));
     }
+    let priorities = per_stream(&|s| s.priority.map(|p| p.to_string()));
+    if !priorities.is_empty() {
+        env.push(plain("STREAM_PRIORITY", priorities));
+    }
     env.push(plain("GROUP", &spec.group));
     if let Some(p) = &spec.consumer_prefix {
         env.push(plain("CONSUMER_PREFIX", p));
@@ -117,6 +123,16 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
     if let Some(c) = spec.retry.claim_idle_seconds {
         env.push(plain("CLAIM_IDLE", c));
     }
+    if let Some(b) = spec.retry.host_backoff_seconds {
+        env.push(plain("BACKOFF_BASE", b));
+    }
+    if let Some(b) = spec.retry.host_backoff_max_seconds {
+        env.push(plain("BACKOFF_MAX", b));
+    }
+    flow_control_env(&spec.flow_control, &mut env);
+    if let Some(l) = spec.ordering_lease_seconds {
+        env.push(plain("ORDERING_LEASE", l));
+    }
     match spec.dead_letter.mode {
         DeadLetterMode::Console => {}
         DeadLetterMode::Http => {
@@ -145,6 +161,52 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
     env.push(plain("SHUTDOWN_GRACE", (spec.termination_grace_period_seconds - 5).max(1)));
     env.push(plain("LOG_FORMAT", "json"));
     env
+}
+
+fn concurrency_name(c: HostConcurrency) -> &'static str {
+    match c {
+        HostConcurrency::Adaptive => "adaptive",
+        HostConcurrency::Fixed => "fixed",
+    }
+}
+
+/// `spec.flowControl` as the worker's HOST_* settings.
+fn flow_control_env(f: &FlowControlSpec, env: &mut Vec<EnvVar>) {
+    if let Some(n) = f.max_concurrency_per_host {
+        env.push(plain("HOST_MAX_CONCURRENCY", n));
+    }
+    if let Some(n) = f.initial_concurrency_per_host {
+        env.push(plain("HOST_INITIAL_CONCURRENCY", n));
+    }
+    if let Some(c) = f.concurrency {
+        env.push(plain("HOST_CONCURRENCY", concurrency_name(c)));
+    }
+    if let Some(r) = f.rate_limit_per_host {
+        env.push(plain("HOST_RATE_LIMIT", r));
+    }
+    if let Some(a) = f.max_event_age_seconds {
+        env.push(plain("MAX_EVENT_AGE", a));
+    }
+    if !f.hosts.is_empty() {
+        let overrides: serde_json::Map<String, serde_json::Value> = f
+            .hosts
+            .iter()
+            .map(|h| {
+                let mut o = serde_json::Map::new();
+                if let Some(n) = h.max_concurrency {
+                    o.insert("maxConcurrency".into(), n.into());
+                }
+                if let Some(r) = h.rate_limit {
+                    o.insert("rateLimit".into(), r.into());
+                }
+                if let Some(c) = h.concurrency {
+                    o.insert("concurrency".into(), concurrency_name(c).into());
+                }
+                (h.url.clone(), serde_json::Value::Object(o))
+            })
+            .collect();
+        env.push(plain("HOST_OVERRIDES", serde_json::Value::Object(overrides).to_string()));
+    }
 }
 
 /// Hash of the rendered environment and the values of the referenced Secret keys (a
@@ -310,6 +372,40 @@ mod tests {
         }
         assert!(env["POD_NAME"].value_from.as_ref().unwrap().field_ref.is_some());
         assert!(!env.contains_key("DLQ_URI"));
+    }
+
+    #[test]
+    fn flow_control_renders_into_the_host_settings() {
+        let mut s = minimal();
+        s["streams"] = json!([{"name": "critical", "priority": 0}, {"name": "bulk", "priority": 5}]);
+        s["flowControl"] = json!({
+            "maxConcurrencyPerHost": 16,
+            "initialConcurrencyPerHost": 2,
+            "concurrency": "fixed",
+            "rateLimitPerHost": 50.5,
+            "maxEventAgeSeconds": 3600,
+            "hosts": [{"url": "https://api.example.com", "maxConcurrency": 4, "concurrency": "adaptive"}]
+        });
+        s["retry"] = json!({"hostBackoffSeconds": 0.5, "hostBackoffMaxSeconds": 30});
+        s["orderingLeaseSeconds"] = json!(10);
+        let env = env_map(&deployment(&ew(s), &SecretData::new()));
+        for (var, want) in [
+            ("HOST_MAX_CONCURRENCY", "16"),
+            ("HOST_INITIAL_CONCURRENCY", "2"),
+            ("HOST_CONCURRENCY", "fixed"),
+            ("HOST_RATE_LIMIT", "50.5"),
+            ("MAX_EVENT_AGE", "3600"),
+            ("HOST_OVERRIDES", r#"{"https://api.example.com":{"concurrency":"adaptive","maxConcurrency":4}}"#),
+            ("STREAM_PRIORITY", "critical=0,bulk=5"),
+            ("BACKOFF_BASE", "0.5"),
+            ("BACKOFF_MAX", "30"),
+            ("ORDERING_LEASE", "10"),
+        ] {
+            assert_eq!(value(&env, var).as_deref(), Some(want), "{var}");
+        }
+        // Unset: the worker's own defaults apply.
+        let env = env_map(&deployment(&ew(minimal()), &SecretData::new()));
+        assert!(!env.contains_key("HOST_MAX_CONCURRENCY") && !env.contains_key("HOST_OVERRIDES"));
     }
 
     #[test]

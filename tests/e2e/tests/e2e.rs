@@ -256,6 +256,14 @@ async fn invalid_eventworkers_are_rejected_with_messages() {
             json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "deadLetter": {"mode": "sql", "sql": {"connectionSecretRef": {"name": "s", "key": "k"}, "table": "dlq; drop"}}}),
             "deadLetter.sql.table must be a SQL identifier",
         ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "flowControl": {"maxConcurrencyPerHost": 0}}),
+            "flowControl.maxConcurrencyPerHost must be at least 1",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "flowControl": {"hosts": [{"url": "api.example.com"}]}}),
+            "flowControl.hosts[].url must start with http:// or https://",
+        ),
     ];
     for (i, (spec, message)) in cases.into_iter().enumerate() {
         match env.create_ew(&format!("bad-{i}"), spec).await {
