@@ -391,6 +391,18 @@ impl Hosts {
                     _ = tokio::time::sleep(delay) => {}
                     _ = hosts.hard.cancelled() => return,
                 }
+                {
+                    // Nobody has asked for this host for a while: stop probing, so that the
+                    // host (and its series) can be forgotten. The next event tries it again.
+                    let mut st = host.lock();
+                    if st.last_used.elapsed() > IDLE_EVICT && st.in_flight == 0 && st.waiters.is_empty() {
+                        st.paused = None;
+                        st.limiter.restart_from_one();
+                        host.publish(&st);
+                        tracing::info!(host = %host.key, "no events for an unavailable host any more: stopped probing it");
+                        return;
+                    }
+                }
                 let alive = hosts.deliverer.probe(&url, headers.clone()).await;
                 {
                     let mut st = host.lock();
@@ -565,5 +577,17 @@ mod tests {
         tokio::time::advance(IDLE_EVICT + Duration::from_secs(1)).await;
         assert_eq!(h.evict_older_than(IDLE_EVICT), 1);
         assert_eq!(h.len(), 1);
+        // A paused host nobody asks for any more stops being probed, and goes too.
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_secs(31)).await;
+            tokio::task::yield_now().await;
+            if !h.is_paused(&t.host) {
+                break;
+            }
+        }
+        assert!(!h.is_paused(&t.host), "still probing a host without events");
+        tokio::time::advance(IDLE_EVICT).await;
+        h.evict_older_than(IDLE_EVICT);
+        assert!(h.is_empty());
     }
 }
