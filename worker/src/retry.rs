@@ -67,6 +67,16 @@ mod tests {
     }
 
     #[test]
+    fn bounded_seconds_never_panic() {
+        let max = Duration::from_secs(3600);
+        assert_eq!(bounded_secs(1.0 / 1e-300, max), Some(max), "redrive with a tiny rate");
+        assert_eq!(bounded_secs(f64::INFINITY, max), Some(max));
+        assert_eq!(bounded_secs(-3.0, max), Some(Duration::ZERO));
+        assert_eq!(bounded_secs(f64::NAN, max), None);
+        assert_eq!(bounded_secs(0.25, max), Some(Duration::from_millis(250)));
+    }
+
+    #[test]
     fn backoff_grows_is_capped_and_jittered() {
         let base = Duration::from_secs(1);
         let cap = Duration::from_secs(30);
