@@ -415,7 +415,7 @@ impl Worker {
         text.lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
             .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
+            .fold(0.0, |a, b| a + b)
     }
 
     /// Value of one sample of `/metrics`, 0 when absent. `series` is the full name with labels.
