@@ -129,6 +129,8 @@ pub(crate) struct Stream {
     pub held_key: String,
     /// Target hosts of recent events, and when each was last seen.
     pub hosts_seen: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Whether this worker holds the stream's ordering lease (always true when unordered).
+    leader: watch::Receiver<bool>,
 }
 
 /// Consume one stream until shutdown, then drain.
@@ -139,6 +141,10 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
     let acker = tokio::spawn(ack_loop(w.clone(), key.clone(), rx, acking.clone()));
     let (lease_key, held_key) = ordering::keys(&w.cfg.group, &key);
     let max_in_flight = w.cfg.max_in_flight_for(&name);
+    // Ordered streams are delivered by one consumer at a time: the holder of the lease.
+    // The lease outlives the drain, so no other worker starts on our keys meanwhile.
+    let ordered = w.cfg.ordering_for(&name) != Ordering::None;
+    let (leader_tx, leader_rx) = watch::channel(!ordered);
     let sc = Arc::new(Stream {
         consumer: w.cfg.consumer(&name),
         sem: Arc::new(Semaphore::new(max_in_flight)),
@@ -155,13 +161,10 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
         holds: Holds::default(),
         held_key,
         hosts_seen: Mutex::new(HashMap::new()),
+        leader: leader_rx.clone(),
         key,
         w,
     });
-    // Ordered streams are delivered by one consumer at a time: the holder of the lease.
-    // The lease outlives the drain, so no other worker starts on our keys meanwhile.
-    let ordered = sc.ordering != Ordering::None;
-    let (leader_tx, leader_rx) = watch::channel(!ordered);
     let lease_done = CancellationToken::new();
     let lease = ordered.then(|| {
         tokio::spawn(ordering::hold_lease(
@@ -228,6 +231,13 @@ struct Cursors {
 impl Stream {
     fn stop(&self) -> &CancellationToken {
         &self.w.shutdown.stop
+    }
+
+    /// May this worker deliver the stream's events now? An ordered stream's events are
+    /// delivered only while we hold its lease: once it is lost, what has not been sent yet
+    /// stays pending for the next holder, in order.
+    pub(crate) fn may_deliver(&self) -> bool {
+        *self.leader.borrow()
     }
 
     async fn read_loop(self: Arc<Self>, mut leader: watch::Receiver<bool>) {
@@ -440,8 +450,12 @@ impl Stream {
         }
     }
 
-    /// Keep entries we are still working on from looking idle to other consumers.
+    /// Keep entries we are still working on from looking idle to other consumers (not
+    /// after losing an ordered stream's lease: they are the next holder's now).
     async fn touch_in_flight(&self) {
+        if !self.may_deliver() {
+            return;
+        }
         let threshold = self.touch_every();
         let ids: Vec<String> = {
             let m = crate::lock(&self.in_flight);
@@ -504,6 +518,9 @@ impl Stream {
         // stays pending for the next owner.
         let mut guard = LaneGuard { sc: self.clone(), lane: lane.clone(), armed: true };
         loop {
+            if !self.may_deliver() {
+                return; // the guard leaves the lane's events pending for the next holder
+            }
             match self.holds.gate(&lane, job.ev.hold_token.as_deref()) {
                 Gate::Deliver => self.handle(job, Some(&lane)).await,
                 gate => self.hold_append(job, &lane, gate == Gate::WaitFront).await,

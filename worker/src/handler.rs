@@ -84,8 +84,10 @@ impl Stream {
             }
             Admit::Busy { retry_in } => return Box::pin(self.defer(job, lane, retry_in, "host_busy", failures)).await,
         };
-        if w.shutdown.hard.is_cancelled() {
-            return; // admitted just as the grace period ended: leave it pending
+        if w.shutdown.hard.is_cancelled() || !self.may_deliver() {
+            // Admitted just as the grace period ended, or after this worker lost the
+            // stream's ordering lease: leave it pending.
+            return;
         }
 
         let ev = &job.ev;
@@ -275,11 +277,7 @@ impl Stream {
             })
             .await;
         if let Some(now) = released {
-            match now {
-                Some(t) => self.holds.set(key, &t),
-                // Someone else's (a stale view): learn the truth on the next lease.
-                None => self.holds.set(key, ""),
-            }
+            self.holds.set(key, &now);
             self.publish_holds();
         }
     }

@@ -438,8 +438,12 @@ impl Hosts {
         let before = map.len();
         map.retain(|key, h| {
             let st = h.lock();
-            let keep =
-                st.in_flight > 0 || !st.waiters.is_empty() || st.paused.is_some() || st.last_used.elapsed() < idle;
+            // A host someone is looking up right now (an admission in progress) stays.
+            let keep = Arc::strong_count(h) > 1
+                || st.in_flight > 0
+                || !st.waiters.is_empty()
+                || st.paused.is_some()
+                || st.last_used.elapsed() < idle;
             if !keep {
                 self.metrics.remove_host(key);
             }

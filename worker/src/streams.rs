@@ -179,12 +179,13 @@ pub async fn get_failures(con: &mut ConnectionManager, counter: &str) -> Result<
 /// (ARGV[8]) the key becomes held by this entry (token ARGV[9]): later events of the key wait
 /// behind it (see `HOLD_APPEND_LUA`).
 const SCHEDULE_LUA: &str = r#"
+-- Acknowledged already: this is a retried call whose first run went through. Do nothing twice.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return '' end
 local args = {'meta', ARGV[5], 'stream', KEYS[1], 'payload', ARGV[6]}
 if ARGV[7] ~= '' then table.insert(args, 'timeout'); table.insert(args, ARGV[7]) end
 if ARGV[9] ~= '' then table.insert(args, 'holdToken'); table.insert(args, ARGV[9]) end
 local rid = redis.call('XADD', KEYS[2], '*', unpack(args))
 redis.call('ZADD', KEYS[3], ARGV[4], rid)
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[4], ARGV[8], ARGV[9] .. ' 1') end
 return rid
@@ -194,26 +195,29 @@ return rid
 /// step. 0 when the key is not held (any more): deliver it instead.
 const HOLD_APPEND_LUA: &str = r#"
 if redis.call('HEXISTS', KEYS[3], ARGV[7]) == 0 then return 0 end
+-- Acknowledged already (a retried call whose first run went through): done.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 1 end
 local args = {'meta', ARGV[4], 'payload', ARGV[5]}
 if ARGV[6] ~= '' then table.insert(args, 'timeout'); table.insert(args, ARGV[6]) end
 redis.call('XADD', KEYS[4], '*', unpack(args))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
 return 1
 "#;
 
 /// An event that held its key is done (delivered or dead-lettered): acknowledge it and, when
 /// it was the last of its group, put the next group of held events (front stream first,
-/// then back) at the end of the stream under a new token. Returns the key's token now:
-/// nil when the caller did not hold the key, '' when the key is free.
+/// then back) at the end of the stream under a new token. Returns the key's token now
+/// ('' when the key is free). Safe to run twice: once the entry is acknowledged, a second
+/// run changes nothing and reports the key's state.
 const HOLD_RELEASE_LUA: &str = r#"
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+local v = redis.call('HGET', KEYS[2], ARGV[4])
+local tok, n = nil, nil
+if v then tok, n = string.match(v, '^(%S+) (%d+)$') end
+local current = tok or ''
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return current end
 if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
 redis.call('DEL', KEYS[5])
-local v = redis.call('HGET', KEYS[2], ARGV[4])
-if not v then return false end
-local tok, n = string.match(v, '^(%S+) (%d+)$')
-if tok ~= ARGV[5] then return false end
+if tok ~= ARGV[5] then return current end
 n = tonumber(n) - 1
 if n > 0 then
   redis.call('HSET', KEYS[2], ARGV[4], tok .. ' ' .. n)
@@ -413,8 +417,8 @@ impl Scripts {
         Ok(n == 1)
     }
 
-    /// Acknowledge an event that held its key and hand the key on. The key's token now:
-    /// None when the caller did not hold it, Some("") when the key is free.
+    /// Acknowledge an event that held its key and hand the key on. The key's token now
+    /// ("" when the key is free).
     #[allow(clippy::too_many_arguments)]
     pub async fn hold_release(
         &self,
@@ -429,7 +433,7 @@ impl Scripts {
         token: &str,
         next_token: &str,
         batch: usize,
-    ) -> Result<Option<String>> {
+    ) -> Result<String> {
         Ok(self
             .hold_release
             .key(stream_key)

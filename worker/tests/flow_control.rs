@@ -449,3 +449,73 @@ async fn odd_retry_after_values_never_break_a_delivery() {
     produce(&mut con, "events:fast", &[(meta("after", "t"), b"{}".to_vec())]).await;
     wait_until("a later event delivered", T, || async { sink.delivered_ids("/e").contains("after") }).await;
 }
+
+/// The hold scripts run again by a retried Redis call (its first reply lost) change nothing
+/// the second time: no duplicate retry entry, no second hand-over of a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_scripts_are_safe_to_run_twice() {
+    use eventworker::streams::{self, HoldKeys, ScheduleReq, Scripts};
+    let redis = RedisServer::start();
+    let mut con = redis.con().await;
+    let mut cm = streams::connect(&redis.url(), Duration::from_secs(5)).await.unwrap();
+    let scripts = Scripts::default();
+    streams::ensure_group(&mut cm, "events:fast", "g").await.unwrap();
+    produce(&mut con, "events:fast", &[(meta("a", "t"), b"A".to_vec()), (meta("b", "t"), b"B".to_vec())]).await;
+    let read = streams::read_group(&mut cm, "events:fast", "g", "c", ">", 10, None).await.unwrap();
+    let (a, b) = (&read[0].id, &read[1].id);
+    let held = streams::held_key("g", "events:fast");
+    // Event a is scheduled for a retry and holds key k: twice.
+    for _ in 0..2 {
+        let req = ScheduleReq {
+            stream_key: "events:fast",
+            group: "g",
+            entry_id: a,
+            delete: true,
+            due_unix: unix_now() + 60.0,
+            meta_json: "{}",
+            payload: b"A",
+            timeout: None,
+            hold: Some((&held, "k", "t1")),
+        };
+        scripts.schedule(&mut cm, &req).await.unwrap();
+    }
+    assert_eq!(xlen(&mut con, "events:retry").await, 1, "one retry entry, not two");
+    // Two events wait behind it.
+    let keys = HoldKeys::new("g", "events:fast", "k");
+    let _: String = redis::cmd("XADD")
+        .arg(&keys.back)
+        .arg("*")
+        .arg("meta")
+        .arg("{}")
+        .arg("payload")
+        .arg("w1")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&keys.back)
+        .arg("*")
+        .arg("meta")
+        .arg("{}")
+        .arg("payload")
+        .arg("w2")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    // Event b holds the key now (as if it were a's retry coming back) and is delivered: twice.
+    let _: () = redis::cmd("HSET").arg(&held).arg("k").arg("t2 1").query_async(&mut con).await.unwrap();
+    let before = xlen(&mut con, "events:fast").await;
+    let mut answers = vec![];
+    for _ in 0..2 {
+        answers.push(
+            scripts
+                .hold_release(&mut cm, "events:fast", "g", b, true, "err_count:x", "k", &keys, "t2", "t3", 100)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(answers, ["t3", "t3"], "the second run reports the key's state and changes nothing");
+    assert_eq!(xlen(&mut con, "events:fast").await, before - 1 + 2, "b deleted, the two waiting events back once");
+    let v: String = redis::cmd("HGET").arg(&held).arg("k").query_async(&mut con).await.unwrap();
+    assert_eq!(v, "t3 2");
+}
