@@ -36,6 +36,8 @@ const PARKED_PER_SLOT: usize = 4;
 const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Most entries acknowledged per round trip.
 const ACK_BATCH: usize = 512;
+/// How often the lease holder looks for held keys whose holder never came back.
+const HOLD_SWEEP: Duration = Duration::from_secs(30);
 
 /// Everything the stream consumers share.
 pub struct Worker {
@@ -257,6 +259,7 @@ impl Stream {
         let mut cur =
             Cursors { own: Some("0".into()), claim_all: None, next_claim: Instant::now(), claim: "0-0".into() };
         let mut next_touch = Instant::now() + self.touch_every();
+        let mut next_sweep = Instant::now();
         let mut errors = 0u32;
         while !self.stop().is_cancelled() {
             if !group_ready {
@@ -303,6 +306,10 @@ impl Stream {
             if Instant::now() >= next_touch {
                 self.touch_in_flight().await;
                 next_touch = Instant::now() + self.touch_every();
+            }
+            if ordered && Instant::now() >= next_sweep {
+                next_sweep = Instant::now() + HOLD_SWEEP;
+                self.sweep_holds(&mut con).await;
             }
             let Some(permits) = self.acquire_permits().await else { break };
             match self.read_once(&mut con, &mut cur, permits.len()).await {
@@ -386,6 +393,27 @@ impl Stream {
         }
         let entries = streams::read_group(con, &self.key, &cfg.group, &self.consumer, ">", want, Some(BLOCK)).await?;
         Ok((entries, false))
+    }
+
+    /// Hand on held keys whose holder has not come back in time (its entry trimmed from
+    /// the stream or deleted from the retry schedule): their waiting events must not wait
+    /// forever.
+    async fn sweep_holds(&self, con: &mut ConnectionManager) {
+        let held: HashMap<String, String> = match redis::cmd("HGETALL").arg(&self.held_key).query_async(con).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read held keys");
+                return;
+            }
+        };
+        let now_ms = (event::now_unix() * 1000.0) as u64;
+        for (key, value) in held {
+            if ordering::expected_by_ms(&value).is_some_and(|by| by < now_ms) {
+                tracing::warn!(stream = %self.key, key = %key, "an ordering key's holder never came back: handing the key on to its waiting events");
+                self.w.metrics.held_keys_expired.with_label_values(&[&self.key]).inc();
+                self.hand_on(&key, None, &value).await;
+            }
+        }
     }
 
     fn count_claimed(&self, source: &str, n: usize) {

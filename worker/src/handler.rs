@@ -16,7 +16,7 @@ use crate::event::{self, Event, RawEntry, ATTEMPTS_FIELD, SINCE_FIELD};
 use crate::hosts::Admit;
 use crate::ordering::new_token;
 use crate::retry::{backoff, exhausted, MAX_SCHEDULE_DELAY};
-use crate::streams::{self, counter_key, AppendReq, HoldKeys, ScheduleReq};
+use crate::streams::{self, counter_key, AppendReq, HoldKeys, ReleaseReq, ScheduleReq};
 
 /// Longest a dead-letter sink may take to accept one record.
 const SINK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -25,6 +25,8 @@ const SINK_TIMEOUT: Duration = Duration::from_secs(30);
 const LANE_WAIT: Duration = Duration::from_secs(2);
 /// Longest an event waits for its host while holding a read slot (no parking slot free).
 const READ_SLOT_WAIT: Duration = Duration::from_secs(1);
+/// Slack before a held key whose holder has not come back is handed on anyway.
+const HOLD_GRACE: Duration = Duration::from_secs(600);
 /// How long a host counts as one the stream sends to.
 const HOSTS_SEEN_FOR: Duration = Duration::from_secs(30);
 /// Events of a held key put back into the stream at once when the key is handed on.
@@ -206,6 +208,7 @@ impl Stream {
             payload: &ev.payload,
             timeout: timeout.as_deref().map(str::as_bytes),
             hold,
+            expect_by_ms: self.expect_by_ms(delay.min(MAX_SCHEDULE_DELAY)),
         };
         let (scripts, req) = (&w.scripts, &req);
         if w.redis_retry("schedule", |mut con| async move { scripts.schedule(&mut con, req).await }).await.is_some() {
@@ -266,20 +269,41 @@ impl Stream {
 
     /// Acknowledge an event that held its key and hand the key on (see `ordering.rs`).
     async fn release(&self, ev: &Event, key: &str, token: &str, counter: &str) {
+        self.hand_on(key, Some((&ev.entry_id, counter)), token).await;
+    }
+
+    /// Hand a held key on: after its holder finished (`finished`), or because it never came
+    /// back (`finished` None, `token` the value the sweep saw).
+    pub(crate) async fn hand_on(&self, key: &str, finished: Option<(&str, &str)>, token: &str) {
         let w = &self.w;
         let keys = HoldKeys::new(&w.cfg.group, &self.key, key);
         let next = new_token();
-        let (group, delete) = (&w.cfg.group, w.cfg.delete_on_ack);
-        let (k, keys_ref, c, n, id, sk) = (key, &keys, counter, &next, &ev.entry_id, &self.key);
-        let released = w
-            .redis_retry("hold_release", |mut con| async move {
-                w.scripts.hold_release(&mut con, sk, group, id, delete, c, k, keys_ref, token, n, RELEASE_BATCH).await
-            })
-            .await;
+        let req = ReleaseReq {
+            stream_key: &self.key,
+            group: &w.cfg.group,
+            finished,
+            delete: w.cfg.delete_on_ack,
+            key,
+            keys: &keys,
+            token,
+            next_token: &next,
+            batch: RELEASE_BATCH,
+            expect_by_ms: self.expect_by_ms(Duration::ZERO),
+        };
+        let req = &req;
+        let released =
+            w.redis_retry("hold_release", |mut con| async move { w.scripts.hold_release(&mut con, req).await }).await;
         if let Some(now) = released {
             self.holds.set(key, &now);
             self.publish_holds();
         }
+    }
+
+    /// When a held key should change again at the latest, for an event due in `due_in`:
+    /// its due time plus the longest one delivery can take plus ten minutes.
+    fn expect_by_ms(&self, due_in: Duration) -> u64 {
+        let by = event::now_unix() + (due_in + self.w.cfg.read_timeout + HOLD_GRACE).as_secs_f64();
+        (by * 1000.0) as u64
     }
 
     /// Whether this stream has recently had events for hosts other than `host`.

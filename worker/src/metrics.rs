@@ -30,6 +30,7 @@ pub struct Metrics {
     pub deferred: IntCounterVec,
     pub ordering_held_keys: IntGaugeVec,
     pub stream_leader: IntGaugeVec,
+    pub held_keys_expired: IntCounterVec,
     pub redis_errors: IntCounterVec,
     pub claimed: IntCounterVec,
     pub ack_batch: Histogram,
@@ -122,6 +123,11 @@ impl Metrics {
             ordering_held_keys: gauge(
                 "ordering_held_keys",
                 "Ordering keys waiting behind an event scheduled for retry",
+                &["stream"],
+            ),
+            held_keys_expired: counter(
+                "ordering_held_keys_expired_total",
+                "Held ordering keys handed on because their holder never came back",
                 &["stream"],
             ),
             stream_leader: gauge(

@@ -94,6 +94,12 @@ impl Holds {
     }
 }
 
+/// The time (unix ms) by which a held key's value says it should have changed again; None
+/// for values written before there was one.
+pub fn expected_by_ms(value: &str) -> Option<u64> {
+    value.split_whitespace().nth(2)?.parse().ok()
+}
+
 /// A fresh token for a group of events allowed to go ahead on a held key.
 pub fn new_token() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -170,5 +176,7 @@ mod tests {
         assert_eq!(h.gate("k", None), Gate::Deliver);
         assert!(h.is_empty());
         assert_ne!(new_token(), new_token());
+        assert_eq!(expected_by_ms("t 3 1700000000000"), Some(1_700_000_000_000));
+        assert_eq!(expected_by_ms("t 3"), None);
     }
 }

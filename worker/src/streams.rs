@@ -187,7 +187,7 @@ if ARGV[9] ~= '' then table.insert(args, 'holdToken'); table.insert(args, ARGV[9
 local rid = redis.call('XADD', KEYS[2], '*', unpack(args))
 redis.call('ZADD', KEYS[3], ARGV[4], rid)
 if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
-if ARGV[9] ~= '' then redis.call('HSET', KEYS[4], ARGV[8], ARGV[9] .. ' 1') end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[4], ARGV[8], ARGV[9] .. ' 1 ' .. ARGV[10]) end
 return rid
 "#;
 
@@ -208,19 +208,26 @@ return 1
 /// it was the last of its group, put the next group of held events (front stream first,
 /// then back) at the end of the stream under a new token. Returns the key's token now
 /// ('' when the key is free). Safe to run twice: once the entry is acknowledged, a second
-/// run changes nothing and reports the key's state.
+/// run changes nothing and reports the key's state. With ARGV[9] = '1' it hands on a key
+/// whose holder never came back (its value still ARGV[5], as the sweep saw it).
+/// Values are "<token> <events in circulation> <expected back by, unix ms>".
 const HOLD_RELEASE_LUA: &str = r#"
 local v = redis.call('HGET', KEYS[2], ARGV[4])
 local tok, n = nil, nil
-if v then tok, n = string.match(v, '^(%S+) (%d+)$') end
+if v then tok, n = string.match(v, '^(%S+) (%d+)') end
 local current = tok or ''
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return current end
-if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
-redis.call('DEL', KEYS[5])
-if tok ~= ARGV[5] then return current end
+if ARGV[9] == '1' then
+  if v ~= ARGV[5] then return current end
+  n = 1
+else
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return current end
+  if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
+  redis.call('DEL', KEYS[5])
+  if tok ~= ARGV[5] then return current end
+end
 n = tonumber(n) - 1
 if n > 0 then
-  redis.call('HSET', KEYS[2], ARGV[4], tok .. ' ' .. n)
+  redis.call('HSET', KEYS[2], ARGV[4], tok .. ' ' .. n .. ' ' .. ARGV[8])
   return tok
 end
 local limit = tonumber(ARGV[7])
@@ -246,7 +253,7 @@ if moved == 0 then
   redis.call('HDEL', KEYS[2], ARGV[4])
   return ''
 end
-redis.call('HSET', KEYS[2], ARGV[4], ARGV[6] .. ' ' .. moved)
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[6] .. ' ' .. moved .. ' ' .. ARGV[8])
 return ARGV[6]
 "#;
 
@@ -358,6 +365,26 @@ pub struct ScheduleReq<'a> {
     pub timeout: Option<&'a [u8]>,
     /// Hold this ordering key (held-keys hash, key, token) while the entry waits.
     pub hold: Option<(&'a str, &'a str, &'a str)>,
+    /// When the held key should see this entry again at the latest (unix ms), for the sweep.
+    pub expect_by_ms: u64,
+}
+
+/// Hand a held key on: after its holder finished, or (`finished` None) because the holder
+/// never came back by the time the sweep looked.
+pub struct ReleaseReq<'a> {
+    pub stream_key: &'a str,
+    pub group: &'a str,
+    /// The finished entry and its attempt counter.
+    pub finished: Option<(&'a str, &'a str)>,
+    pub delete: bool,
+    pub key: &'a str,
+    pub keys: &'a HoldKeys,
+    /// The finished entry's token, or the key's whole value as the sweep saw it.
+    pub token: &'a str,
+    pub next_token: &'a str,
+    pub batch: usize,
+    /// When the key should change again at the latest (unix ms).
+    pub expect_by_ms: u64,
 }
 
 /// An event joining a held key's waiting events.
@@ -392,6 +419,7 @@ impl Scripts {
             .arg(r.hold.map(|h| h.1).unwrap_or(""))
             .arg(r.hold.map(|h| h.2).unwrap_or(""))
             .key(r.hold.map(|h| h.0).unwrap_or(RETRY_DELAYS))
+            .arg(r.expect_by_ms)
             .invoke_async(con)
             .await?;
         Ok(id)
@@ -417,37 +445,25 @@ impl Scripts {
         Ok(n == 1)
     }
 
-    /// Acknowledge an event that held its key and hand the key on. The key's token now
-    /// ("" when the key is free).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn hold_release(
-        &self,
-        con: &mut ConnectionManager,
-        stream_key: &str,
-        group: &str,
-        entry_id: &str,
-        delete: bool,
-        counter: &str,
-        key: &str,
-        keys: &HoldKeys,
-        token: &str,
-        next_token: &str,
-        batch: usize,
-    ) -> Result<String> {
+    /// Hand a held key on (see [`ReleaseReq`]). The key's token now ("" when it is free).
+    pub async fn hold_release(&self, con: &mut ConnectionManager, r: &ReleaseReq<'_>) -> Result<String> {
+        let (entry, counter) = r.finished.unwrap_or(("0-0", ""));
         Ok(self
             .hold_release
-            .key(stream_key)
-            .key(&keys.held)
-            .key(&keys.front)
-            .key(&keys.back)
-            .key(counter)
-            .arg(group)
-            .arg(entry_id)
-            .arg(if delete { "1" } else { "0" })
-            .arg(key)
-            .arg(token)
-            .arg(next_token)
-            .arg(batch)
+            .key(r.stream_key)
+            .key(&r.keys.held)
+            .key(&r.keys.front)
+            .key(&r.keys.back)
+            .key(if counter.is_empty() { &r.keys.held } else { counter })
+            .arg(r.group)
+            .arg(entry)
+            .arg(if r.delete { "1" } else { "0" })
+            .arg(r.key)
+            .arg(r.token)
+            .arg(r.next_token)
+            .arg(r.batch)
+            .arg(r.expect_by_ms)
+            .arg(if r.finished.is_none() { "1" } else { "0" })
             .invoke_async(con)
             .await?)
     }

@@ -454,7 +454,7 @@ async fn odd_retry_after_values_never_break_a_delivery() {
 /// the second time: no duplicate retry entry, no second hand-over of a key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hold_scripts_are_safe_to_run_twice() {
-    use eventworker::streams::{self, HoldKeys, ScheduleReq, Scripts};
+    use eventworker::streams::{self, HoldKeys, ReleaseReq, ScheduleReq, Scripts};
     let redis = RedisServer::start();
     let mut con = redis.con().await;
     let mut cm = streams::connect(&redis.url(), Duration::from_secs(5)).await.unwrap();
@@ -476,6 +476,7 @@ async fn hold_scripts_are_safe_to_run_twice() {
             payload: b"A",
             timeout: None,
             hold: Some((&held, "k", "t1")),
+            expect_by_ms: 0,
         };
         scripts.schedule(&mut cm, &req).await.unwrap();
     }
@@ -503,19 +504,63 @@ async fn hold_scripts_are_safe_to_run_twice() {
         .await
         .unwrap();
     // Event b holds the key now (as if it were a's retry coming back) and is delivered: twice.
-    let _: () = redis::cmd("HSET").arg(&held).arg("k").arg("t2 1").query_async(&mut con).await.unwrap();
+    let _: () = redis::cmd("HSET").arg(&held).arg("k").arg("t2 1 0").query_async(&mut con).await.unwrap();
     let before = xlen(&mut con, "events:fast").await;
     let mut answers = vec![];
     for _ in 0..2 {
-        answers.push(
-            scripts
-                .hold_release(&mut cm, "events:fast", "g", b, true, "err_count:x", "k", &keys, "t2", "t3", 100)
-                .await
-                .unwrap(),
-        );
+        let req = ReleaseReq {
+            stream_key: "events:fast",
+            group: "g",
+            finished: Some((b, "err_count:x")),
+            delete: true,
+            key: "k",
+            keys: &keys,
+            token: "t2",
+            next_token: "t3",
+            batch: 100,
+            expect_by_ms: 42,
+        };
+        answers.push(scripts.hold_release(&mut cm, &req).await.unwrap());
     }
     assert_eq!(answers, ["t3", "t3"], "the second run reports the key's state and changes nothing");
     assert_eq!(xlen(&mut con, "events:fast").await, before - 1 + 2, "b deleted, the two waiting events back once");
     let v: String = redis::cmd("HGET").arg(&held).arg("k").query_async(&mut con).await.unwrap();
-    assert_eq!(v, "t3 2");
+    assert_eq!(v, "t3 2 42");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_holder_never_comes_back_is_handed_on() {
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    let mut con = redis.con().await;
+    // Key k is held by an event that is gone (trimmed from the stream, say) and was
+    // expected back long ago; two events wait behind it.
+    let held = eventworker::streams::held_key("workers", "events:fast");
+    let keys = eventworker::streams::HoldKeys::new("workers", "events:fast", "k");
+    let _: () = redis::cmd("HSET").arg(&held).arg("k").arg("gone 1 1000").query_async(&mut con).await.unwrap();
+    for (i, id) in ["w1", "w2"].iter().enumerate() {
+        let m = json!({"id": id, "type": "t", "orderingKey": "k"}).to_string();
+        let _: String = redis::cmd("XADD")
+            .arg(&keys.back)
+            .arg("*")
+            .arg("meta")
+            .arg(m)
+            .arg("payload")
+            .arg(i.to_string())
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
+    let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast")]);
+    w.wait_ready().await;
+    wait_until("the waiting events delivered, in order", T, || async { sink.delivered_ids("/e").len() == 2 }).await;
+    let order: Vec<_> = sink.posts("/e").iter().map(|r| r.header("x-event-id").unwrap().to_string()).collect();
+    assert_eq!(order, ["w1", "w2"]);
+    wait_until("the key is free", T, || async {
+        let mut c = redis.con().await;
+        let n: i64 = redis::cmd("HLEN").arg(&held).query_async(&mut c).await.unwrap();
+        n == 0
+    })
+    .await;
+    assert_eq!(w.metric("ordering_held_keys_expired_total{stream=\"events:fast\"}").await, 1.0);
 }
