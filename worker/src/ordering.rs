@@ -16,7 +16,10 @@
 //!   order, as one group; the key is free once a group finishes with nothing left waiting.
 //!
 //! The leader mirrors the held keys of its stream in memory (loaded when it takes the
-//! lease), so deciding whether an event waits costs no round trip.
+//! lease), so deciding whether an event waits costs no round trip. Each held key records
+//! when its holder is due back; the leader hands on keys past that time (a holder trimmed
+//! away from Redis), so waiting events never wait forever. The scripts that change held
+//! keys start from `XACK`, so a call retried after a lost reply changes nothing twice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
