@@ -566,7 +566,8 @@ fn redis_url(a: &Args) -> Result<String> {
     Ok(format!("redis://{auth}{host}:{port}"))
 }
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encode everything but RFC 3986 unreserved characters.
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

@@ -106,6 +106,9 @@ impl Target {
     }
 }
 
+/// Most bytes of a response body read (and thrown away) per delivery.
+const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
 /// Parsed default targets per event type; bounded, since types come from events.
 const TARGET_CACHE_MAX: usize = 1024;
 
@@ -155,7 +158,9 @@ impl Deliverer {
         if let Some(t) = self.targets.read().unwrap_or_else(|p| p.into_inner()).get(&ev.event_type) {
             return Some(t.clone());
         }
-        let t = Target::parse(&self.default_uri.replace("[EVENT_TYPE]", &ev.event_type))?;
+        // The type comes from the producer: encoded, it cannot change the URL's structure.
+        let t =
+            Target::parse(&self.default_uri.replace("[EVENT_TYPE]", &crate::config::percent_encode(&ev.event_type)))?;
         let mut cache = self.targets.write().unwrap_or_else(|p| p.into_inner());
         if cache.len() < TARGET_CACHE_MAX {
             cache.insert(ev.event_type.clone(), t.clone());
@@ -171,10 +176,17 @@ impl Deliverer {
         *request.timeout_mut() = Some(ev.timeout.unwrap_or(self.read_timeout));
         *request.body_mut() = Some(ev.payload.clone().into());
         match self.client.execute(request).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 let outcome = classify(resp.status(), resp.headers(), SystemTime::now());
-                // Drain the body so the connection goes back to the pool.
-                let _ = resp.bytes().await;
+                // Drain the body so the connection goes back to the pool, but only so much
+                // of it: a receiver answering with a huge body just loses its connection.
+                let mut read = 0usize;
+                while let Ok(Some(chunk)) = resp.chunk().await {
+                    read += chunk.len();
+                    if read > MAX_RESPONSE_BODY {
+                        break;
+                    }
+                }
                 outcome
             }
             Err(e) if e.is_builder() => Outcome::DeadLetter { reason: "invalid_url".into() },
@@ -344,6 +356,23 @@ mod tests {
         assert_ne!(key("http://a:1/"), key("http://a:2/"));
         assert!(Target::parse("ftp://a/x").is_none());
         assert!(Target::parse("not a url").is_none());
+    }
+
+    #[test]
+    fn event_types_are_encoded_into_the_default_uri() {
+        let cfg =
+            crate::config::tests::parse(&["--default-worker-uri", "http://h:1/events/[EVENT_TYPE]?t=[EVENT_TYPE]"])
+                .unwrap();
+        let d = Deliverer::new(&cfg).unwrap();
+        let entry = crate::event::RawEntry {
+            id: "1-0".into(),
+            fields: Some(vec![("meta".into(), bytes::Bytes::from(r#"{"type":"a b/../admin?x=1#f"}"#))]),
+        };
+        let ev = crate::event::parse(&entry, "orderingKey").unwrap();
+        let t = d.target(&ev).unwrap();
+        assert_eq!(t.url.path(), "/events/a%20b%2F..%2Fadmin%3Fx%3D1%23f");
+        assert_eq!(t.url.query(), Some("t=a%20b%2F..%2Fadmin%3Fx%3D1%23f"));
+        assert_eq!(t.host.as_ref(), "http://h:1");
     }
 
     #[test]

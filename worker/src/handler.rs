@@ -57,7 +57,7 @@ impl Stream {
             }
         }
         let Some(target) = w.deliverer.target(ev) else {
-            w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, "invalid_url"]).inc();
+            w.metrics.failed.with_label_values(&[&self.key, w.metrics.type_label(&ev.event_type), "invalid_url"]).inc();
             return Box::pin(self.dead_letter(job, lane, "invalid_url", failures + 1)).await;
         };
 
@@ -107,24 +107,25 @@ impl Stream {
             w.hosts.trip(&target, outcome.reason(), w.deliverer.headers(ev, &self.key, attempt));
         }
         permit.finish(outcome.signal());
-        w.metrics.processing_duration.with_label_values(&[&ev.event_type]).observe(took.as_secs_f64());
+        let type_label = w.metrics.type_label(&ev.event_type);
+        w.metrics.processing_duration.with_label_values(&[type_label]).observe(took.as_secs_f64());
         let reason = outcome.reason().to_string();
         match outcome {
             Outcome::Delivered => {
-                w.metrics.processed.with_label_values(&[&self.key, &ev.event_type]).inc();
+                w.metrics.processed.with_label_values(&[&self.key, type_label]).inc();
                 if let Some(created) = ev.created_at {
                     let age = (event::now_unix() - created).max(0.0);
-                    w.metrics.event_age.with_label_values(&[&self.key, &ev.event_type]).observe(age);
+                    w.metrics.event_age.with_label_values(&[&self.key, type_label]).observe(age);
                 }
                 let clear = failures > 0 || job.recovered;
                 self.finished(job, lane, clear).await
             }
             Outcome::DeadLetter { .. } => {
-                w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, &reason]).inc();
+                w.metrics.failed.with_label_values(&[&self.key, type_label, &reason]).inc();
                 Box::pin(self.dead_letter(job, lane, &reason, attempt)).await
             }
             Outcome::Schedule { .. } | Outcome::HostDown { .. } => {
-                w.metrics.failed.with_label_values(&[&self.key, &ev.event_type, &reason]).inc();
+                w.metrics.failed.with_label_values(&[&self.key, type_label, &reason]).inc();
                 Box::pin(self.retry_later(job, lane, outcome, attempt, &counter)).await
             }
         }

@@ -5,8 +5,13 @@ use prometheus::{
     TextEncoder,
 };
 
+/// Event types kept as label values; later new types are counted as `other`.
+pub const MAX_TYPE_LABELS: usize = 200;
+
 pub struct Metrics {
     pub registry: Registry,
+    /// Event types seen so far (label values are bounded: types come from producers).
+    types: std::sync::Mutex<std::collections::HashSet<String>>,
     // Names kept from the original worker.
     pub processed: IntCounterVec,
     pub failed: IntCounterVec,
@@ -146,7 +151,22 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             registry: r,
+            types: Default::default(),
         }
+    }
+
+    /// The `type` label for an event type: the type itself for the first
+    /// [`MAX_TYPE_LABELS`] types seen, `other` after that.
+    pub fn type_label<'a>(&self, event_type: &'a str) -> &'a str {
+        let mut types = crate::lock(&self.types);
+        if types.contains(event_type) {
+            return event_type;
+        }
+        if types.len() < MAX_TYPE_LABELS {
+            types.insert(event_type.to_string());
+            return event_type;
+        }
+        "other"
     }
 
     /// Drop a forgotten host's series, so label values stay bounded.
@@ -173,6 +193,16 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..MAX_TYPE_LABELS {
+            assert_eq!(m.type_label(&format!("t{i}")), format!("t{i}"));
+        }
+        assert_eq!(m.type_label("one.too.many"), "other");
+        assert_eq!(m.type_label("t0"), "t0", "known types keep their name");
+    }
 
     #[test]
     fn original_names_are_exported() {

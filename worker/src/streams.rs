@@ -158,7 +158,9 @@ pub fn counter_key(stream_key: &str, id: &str) -> String {
 
 /// INCR the attempt counter and refresh its TTL; returns the failures recorded so far.
 pub async fn count_failure(con: &mut ConnectionManager, counter: &str, ttl: Duration) -> Result<u32> {
+    // Atomic: a counter must never be left without its expiry.
     let (n,): (i64,) = redis::pipe()
+        .atomic()
         .cmd("INCR")
         .arg(counter)
         .cmd("EXPIRE")
