@@ -67,12 +67,14 @@ impl Stream {
         // take, instead of churning events through the retry schedule), then is deferred.
         // Waiting is bounded only where there is someone to make room for: a stream that
         // sends to one host alone just reads as fast as that host takes events.
-        let shared = self.sees_other_hosts(&target.host);
+        self.note_host(&target.host);
+        let must_wait = w.hosts.must_wait(&target.host);
+        let shared = must_wait && self.other_hosts_lately(&target.host);
         let mut max_wait = match (self.ordering, lane) {
             (Ordering::Key, Some(_)) if shared => Some(LANE_WAIT),
             _ => None,
         };
-        if w.hosts.must_wait(&target.host) {
+        if must_wait {
             match self.parked.clone().try_acquire_owned() {
                 Ok(p) => job.claim.slot = Some(p),
                 Err(_) if shared => max_wait = Some(max_wait.map_or(READ_SLOT_WAIT, |m| m.min(READ_SLOT_WAIT))),
@@ -307,15 +309,26 @@ impl Stream {
         (by * 1000.0) as u64
     }
 
-    /// Whether this stream has recently had events for hosts other than `host`.
-    fn sees_other_hosts(&self, host: &std::sync::Arc<str>) -> bool {
+    /// Remember that this stream sends to `host` (cheap: every event passes here).
+    fn note_host(&self, host: &std::sync::Arc<str>) {
         let now = std::time::Instant::now();
         let mut seen = crate::lock(&self.hosts_seen);
-        seen.insert(host.clone(), now);
-        if seen.len() > 64 {
-            seen.retain(|_, at| now.duration_since(*at) < HOSTS_SEEN_FOR);
+        match seen.get_mut(host) {
+            Some(at) => *at = now,
+            None => {
+                if seen.len() >= 64 {
+                    seen.retain(|_, at| now.duration_since(*at) < HOSTS_SEEN_FOR);
+                }
+                seen.insert(host.clone(), now);
+            }
         }
-        seen.iter().any(|(h, at)| h != host && now.duration_since(*at) < HOSTS_SEEN_FOR)
+    }
+
+    /// Whether this stream has recently had events for hosts other than `host` (only asked
+    /// when an event has to wait).
+    fn other_hosts_lately(&self, host: &str) -> bool {
+        let now = std::time::Instant::now();
+        crate::lock(&self.hosts_seen).iter().any(|(h, at)| &**h != host && now.duration_since(*at) < HOSTS_SEEN_FOR)
     }
 
     fn publish_holds(&self) {

@@ -497,6 +497,11 @@ pub async fn pending(con: &mut MultiplexedConnection, key: &str, group: &str) ->
     }
 }
 
+/// Scheduled retries: ids in `events:retry:delays` with their due times (unix seconds).
+pub async fn scheduled(con: &mut MultiplexedConnection) -> Vec<(String, f64)> {
+    redis::cmd("ZRANGE").arg("events:retry:delays").arg(0).arg(-1).arg("WITHSCORES").query_async(con).await.unwrap()
+}
+
 /// Ids (X-Event-Id) the sink received on POSTs under `path_prefix`, with their counts.
 pub fn id_counts(received: &[Received]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
