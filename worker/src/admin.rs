@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use redis::aio::ConnectionManager;
 use serde_json::json;
 
-use crate::dlq::redrive::{replay, Filter, FilterQuery};
+use crate::dlq::redrive::{gather, replay, Filter, FilterQuery, ReplayReport, Targets};
 use crate::dlq::SqlSink;
 use crate::metrics::Metrics;
 
@@ -23,6 +23,8 @@ pub struct Health {
     pub redis_ok: AtomicBool,
     groups: Mutex<BTreeMap<String, bool>>,
     dlq_error: Mutex<Option<String>>,
+    /// Why the outbox clean-up cannot delete rows now (they wait in Redis meanwhile).
+    cleanup_error: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -47,6 +49,14 @@ impl Health {
         let started = cur.is_none() && err.is_some();
         *cur = err;
         started
+    }
+
+    pub fn set_cleanup_error(&self, err: Option<String>) {
+        *crate::lock(&self.cleanup_error) = err;
+    }
+
+    pub fn cleanup_error(&self) -> Option<String> {
+        crate::lock(&self.cleanup_error).clone()
     }
 
     /// Reasons the worker is not ready; empty when it is.
@@ -74,10 +84,13 @@ pub struct AdminState {
     pub redis: Option<ConnectionManager>,
     /// The SQL dead-letter store, when that is the configured sink.
     pub dlq: Option<Arc<SqlSink>>,
-    /// `ADMIN_TOKEN`: required by the dead-letter endpoints; None disables them.
+    /// `ADMIN_TOKEN`: required by the dead-letter endpoints. Without it `/dlq` and
+    /// `/dlq/replay` are disabled and `/reprocess-dlq` is open, as the original's was.
     pub token: Option<String>,
-    /// Where replayed rows without a recorded stream go.
+    /// Where replayed rows without a recorded (configured) stream go.
     pub default_stream: String,
+    /// The worker's stream keys: the only places replays go.
+    pub streams: Vec<String>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -89,7 +102,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/dlq", get(dlq_list))
         .route("/dlq/replay", post(dlq_replay))
         // The original worker's endpoint and parameters.
-        .route("/reprocess-dlq", get(dlq_replay))
+        .route("/reprocess-dlq", get(reprocess_dlq))
         .with_state(state)
 }
 
@@ -99,8 +112,8 @@ fn api_error(code: StatusCode, msg: impl Into<String>) -> ApiError {
     (code, Json(json!({"error": msg.into()})))
 }
 
-/// The dead-letter store, if the caller presented the admin token.
-fn authorize(s: &AdminState, headers: &HeaderMap, query_token: Option<&str>) -> Result<Arc<SqlSink>, ApiError> {
+/// Whether the caller presented the admin token.
+fn authorize(s: &AdminState, headers: &HeaderMap, query_token: Option<&str>) -> Result<(), ApiError> {
     let Some(expected) = s.token.as_deref() else {
         return Err(api_error(StatusCode::FORBIDDEN, "dead-letter endpoints are disabled: set ADMIN_TOKEN"));
     };
@@ -111,18 +124,10 @@ fn authorize(s: &AdminState, headers: &HeaderMap, query_token: Option<&str>) -> 
         .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()))
         .or(query_token);
     match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => {}
-        Some(_) => return Err(api_error(StatusCode::UNAUTHORIZED, "wrong admin token")),
-        None => {
-            return Err(api_error(
-                StatusCode::UNAUTHORIZED,
-                "admin token required (Authorization: Bearer <ADMIN_TOKEN>)",
-            ))
-        }
+        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(api_error(StatusCode::UNAUTHORIZED, "wrong admin token")),
+        None => Err(api_error(StatusCode::UNAUTHORIZED, "admin token required (Authorization: Bearer <ADMIN_TOKEN>)")),
     }
-    s.dlq
-        .clone()
-        .ok_or_else(|| api_error(StatusCode::CONFLICT, "the dead-letter sink is not SQL (DLQ_DB_CONNECTION is unset)"))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -134,16 +139,8 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-/// The store and the filter of an authorized dead-letter request.
-fn dlq_request(
-    s: &AdminState,
-    headers: &HeaderMap,
-    t: &TokenQuery,
-    q: &FilterQuery,
-) -> Result<(Arc<SqlSink>, Filter), ApiError> {
-    let sink = authorize(s, headers, t.token.as_deref())?;
-    let filter = q.filter().map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))?;
-    Ok((sink, filter))
+fn filter_of(q: &FilterQuery) -> Result<Filter, ApiError> {
+    q.filter().map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn dlq_list(
@@ -152,10 +149,34 @@ async fn dlq_list(
     Query(t): Query<TokenQuery>,
     Query(q): Query<FilterQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (sink, filter) = dlq_request(&s, &headers, &t, &q)?;
-    let rows = sink.list().await.map_err(|e| api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    authorize(&s, &headers, t.token.as_deref())?;
+    let filter = filter_of(&q)?;
+    let (rows, _) = gather(s.dlq.as_deref(), s.redis.as_ref())
+        .await
+        .map_err(|e| api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let rows = filter.apply(rows);
     Ok(Json(json!({"count": rows.len(), "rows": rows})))
+}
+
+async fn run_replay(s: &AdminState, q: &FilterQuery) -> Result<ReplayReport, ApiError> {
+    let filter = filter_of(q)?;
+    let redis = s.redis.clone().ok_or_else(|| api_error(StatusCode::SERVICE_UNAVAILABLE, "no redis connection"))?;
+    let targets = Targets { streams: s.streams.clone(), default: s.default_stream.clone() };
+    let report = replay(s.dlq.as_deref(), &redis, &filter, &q.options(), &targets, |_| {}).await.map_err(|e| {
+        let code = if matches!(e, crate::Error::Invalid(_)) {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        api_error(code, e.to_string())
+    })?;
+    tracing::info!(
+        replayed = report.replayed.len(),
+        matched = report.matched,
+        dry_run = report.dry_run,
+        "dead letters replayed over the admin API"
+    );
+    Ok(report)
 }
 
 async fn dlq_replay(
@@ -164,18 +185,43 @@ async fn dlq_replay(
     Query(t): Query<TokenQuery>,
     Query(q): Query<FilterQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (sink, filter) = dlq_request(&s, &headers, &t, &q)?;
-    let redis = s.redis.clone().ok_or_else(|| api_error(StatusCode::SERVICE_UNAVAILABLE, "no redis connection"))?;
-    let report = replay(&sink, &redis, &filter, &q.options(), &s.default_stream, |_| {})
-        .await
-        .map_err(|e| api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    tracing::info!(
-        replayed = report.replayed.len(),
-        matched = report.matched,
-        dry_run = report.dry_run,
-        "dead letters replayed over the admin API"
-    );
+    authorize(&s, &headers, t.token.as_deref())?;
+    let report = run_replay(&s, &q).await?;
     Ok(Json(serde_json::to_value(report).unwrap_or_default()))
+}
+
+/// The original's `GET /reprocess-dlq`: with `ADMIN_TOKEN` set it needs the token and
+/// answers JSON like `/dlq/replay`; without, it is open, as the original's was (a warning
+/// says so at start-up), and answers plain text, one line per replayed letter.
+async fn reprocess_dlq(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Query(t): Query<TokenQuery>,
+    Query(q): Query<FilterQuery>,
+) -> axum::response::Response {
+    if s.token.is_some() {
+        return dlq_replay(State(s), headers, Query(t), Query(q)).await.into_response();
+    }
+    let text = |code: StatusCode, body: String| (code, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body);
+    match run_replay(&s, &q).await {
+        Ok(report) => {
+            let verb = if report.dry_run { "would reprocess" } else { "reprocessed" };
+            let mut out = String::new();
+            for m in &report.replayed {
+                out.push_str(&format!(
+                    "{verb} {} -> {}{}\n",
+                    m.id,
+                    m.stream,
+                    m.entry.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                ));
+            }
+            out.push_str(&format!("{verb} {} of {} dead letter(s)\n", report.replayed.len(), report.matched));
+            text(StatusCode::OK, out).into_response()
+        }
+        Err((code, Json(body))) => {
+            text(code, format!("error: {}\n", body["error"].as_str().unwrap_or_default())).into_response()
+        }
+    }
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
@@ -189,11 +235,21 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
         s.health.redis_ok.store(matches!(ping, Ok(Ok(_))), Ordering::Relaxed);
     }
     let problems = s.health.problems();
-    if problems.is_empty() {
-        (StatusCode::OK, Json(json!({"status": "ready"})))
+    let mut body = if problems.is_empty() {
+        json!({"status": "ready"})
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready", "problems": problems})))
+        json!({"status": "not ready", "problems": problems})
+    };
+    // Delivery goes on while outbox rows wait to be deleted: said here, not a reason to
+    // stop receiving traffic.
+    if s.dlq.as_ref().is_some_and(|d| d.may_be_outbox()) {
+        body["outbox_cleanups_pending"] = json!(s.metrics.outbox_cleanups_pending.get());
+        if let Some(e) = s.health.cleanup_error() {
+            body["outbox_cleanup_error"] = json!(e);
+        }
     }
+    let code = if problems.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body))
 }
 
 #[cfg(test)]
@@ -211,6 +267,7 @@ mod tests {
             dlq: None,
             token: Some("s3cret".into()),
             default_stream: "events:default".into(),
+            streams: vec!["events:fast".into()],
         }
     }
 
@@ -238,8 +295,8 @@ mod tests {
         let (code, body) = get(router(s.clone()), "/dlq").await;
         assert_eq!(code, StatusCode::UNAUTHORIZED, "{body}");
         assert_eq!(get(router(s.clone()), "/reprocess-dlq?token=wrong").await.0, StatusCode::UNAUTHORIZED);
-        // Right token, but no SQL store behind it.
-        assert_eq!(get(router(s.clone()), "/reprocess-dlq?token=s3cret").await.0, StatusCode::CONFLICT);
+        // Right token, but no Redis behind it.
+        assert_eq!(get(router(s.clone()), "/reprocess-dlq?token=s3cret").await.0, StatusCode::SERVICE_UNAVAILABLE);
         let disabled = AdminState { token: None, ..s };
         let (code, body) = get(router(disabled), "/dlq").await;
         assert_eq!(code, StatusCode::FORBIDDEN);

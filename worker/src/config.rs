@@ -29,6 +29,19 @@ pub enum HostConcurrency {
     Fixed,
 }
 
+/// How the SQL table `DLQ_DB_TABLE` is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum DbMode {
+    /// An outbox table when it has a `dlq` column, else a dead-letter table.
+    #[default]
+    Auto,
+    /// A table of dead letters (created when missing).
+    Deadletter,
+    /// The application's event table (the original's outbox): delivered rows are deleted,
+    /// dead letters marked `dlq = 1`. Never created or altered.
+    Outbox,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -97,6 +110,26 @@ pub struct Args {
     /// Source table whose row (event_id = id) is deleted after dead-lettering.
     #[arg(long, env = "EVENT_DB_TABLE")]
     pub event_db_table: Option<String>,
+    /// How DLQ_DB_TABLE is used: auto (an outbox table when it has a dlq column), deadletter, outbox.
+    #[arg(long, env = "DLQ_DB_MODE", value_enum, default_value = "auto")]
+    pub dlq_db_mode: DbMode,
+    /// Outbox table: rows neither delivered nor dead-lettered this many seconds after
+    /// created_at count as undelivered (metric outbox_undelivered_rows).
+    #[arg(long, env = "OUTBOX_AUDIT_AFTER", default_value_t = 600.0)]
+    pub outbox_audit_after: f64,
+    /// Hosts (name, *.suffix, IP or CIDR) that per-event meta.url may target besides the
+    /// default target's host, comma-separated; "*" allows any. Secrets (TARGET_HEADERS,
+    /// signatures) go only to the default target's host and these.
+    #[arg(long, env = "TARGET_ALLOWLIST", default_value = "*")]
+    pub target_allowlist: String,
+    /// Addresses never delivered to (IPs or CIDRs, comma-separated), checked after name
+    /// resolution. Default: link-local and the cloud metadata addresses.
+    #[arg(long, env = "TARGET_DENYLIST", default_value = "169.254.0.0/16,fe80::/10,100.100.100.200/32,fd00:ec2::254/128")]
+    pub target_denylist: String,
+    /// Consumers of the group idle longer than this (seconds) with nothing pending are
+    /// removed by the live workers; 0 never.
+    #[arg(long, env = "CONSUMER_IDLE_TIMEOUT", default_value_t = 86400.0)]
+    pub consumer_idle_timeout: f64,
 
     /// Attempts before an event is dead-lettered with its last failure reason.
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5)]
@@ -210,6 +243,13 @@ pub enum DlqAction {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// Outbox table: list rows neither delivered (deleted) nor dead-lettered instead,
+        /// events that never reached the stream or are stuck.
+        #[arg(long)]
+        undelivered: bool,
+        /// With --undelivered: only rows created longer ago than this (e.g. 90s, 10m, 2h, 1d).
+        #[arg(long, value_parser = parse_age, default_value = "10m")]
+        older_than: Duration,
     },
     /// Move the matching dead letters back into a stream, each row once.
     Replay {
@@ -266,12 +306,17 @@ pub struct Config {
     pub log_format: LogFormat,
     pub worker_threads: Option<usize>,
     pub admin_token: Option<String>,
+    /// Outbox rows older than this that are neither delivered nor dead-lettered count as undelivered.
+    pub outbox_audit_after: Duration,
+    pub targets: crate::policy::TargetPolicy,
+    /// Remove consumers idle this long with nothing pending (None: never).
+    pub consumer_idle_timeout: Option<Duration>,
 }
 
 /// Where dead letters go; the first configured wins: SQL, then HTTP, then console.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DlqConfig {
-    Sql { url: String, table: String, event_table: Option<String> },
+    Sql { url: String, table: String, event_table: Option<String>, mode: DbMode },
     Http { uri: String },
     Console,
 }
@@ -299,7 +344,7 @@ impl Config {
             return Err(bad("STREAMS", "needs at least one stream name"));
         }
         for s in &streams {
-            if s.chars().any(|c| c.is_whitespace() || c.is_control()) || s == "retry" {
+            if s.chars().any(|c| c.is_whitespace() || c.is_control()) || s == "retry" || s == "dlq" {
                 return Err(bad("STREAMS", format!("{s:?} is not a usable stream name")));
             }
         }
@@ -320,7 +365,7 @@ impl Config {
             if let Some(t) = &a.event_db_table {
                 validate_identifier("EVENT_DB_TABLE", t)?;
             }
-            DlqConfig::Sql { url, table: a.dlq_db_table, event_table: a.event_db_table }
+            DlqConfig::Sql { url, table: a.dlq_db_table, event_table: a.event_db_table, mode: a.dlq_db_mode }
         } else if let Some(uri) = a.dlq_uri.filter(|s| !s.is_empty()) {
             reqwest::Url::parse(&uri).map_err(|e| bad("DLQ_URI", format!("{uri:?}: {e}")))?;
             DlqConfig::Http { uri }
@@ -370,6 +415,8 @@ impl Config {
         if ordering_lease < Duration::from_secs(1) {
             return Err(bad("ORDERING_LEASE", "must be at least 1 second"));
         }
+        let targets =
+            crate::policy::TargetPolicy::parse(&a.target_allowlist, &a.target_denylist, &a.default_worker_uri)?;
         let consumer_name = a
             .consumer_name
             .or_else(|| std::env::var("POD_NAME").ok())
@@ -408,6 +455,10 @@ impl Config {
             ordering_lease,
             log_format: a.log_format,
             admin_token: a.admin_token.filter(|t| !t.is_empty()),
+            outbox_audit_after: seconds("OUTBOX_AUDIT_AFTER", a.outbox_audit_after)?,
+            targets,
+            consumer_idle_timeout: Some(seconds("CONSUMER_IDLE_TIMEOUT", a.consumer_idle_timeout)?)
+                .filter(|d| !d.is_zero()),
             worker_threads: match a.worker_threads {
                 Some(0) => return Err(bad("WORKER_THREADS", "must be at least 1")),
                 n => n,
@@ -500,6 +551,26 @@ fn host_settings(a: &Args) -> Result<crate::hosts::HostSettings> {
         queue: a.host_queue,
         overrides,
     })
+}
+
+/// `90`, `90s`, `10m`, `2h`, `1d`.
+pub fn parse_age(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a duration like 90s, 10m, 2h or 1d"))?;
+    let mult = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    crate::retry::bounded_secs(n * mult, Duration::from_secs(100 * 365 * 86400))
+        .filter(|_| n >= 0.0)
+        .ok_or_else(|| format!("{s:?} is not a usable duration"))
 }
 
 fn bad(var: &'static str, msg: impl Into<String>) -> Error {

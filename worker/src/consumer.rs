@@ -50,6 +50,19 @@ pub struct Worker {
     pub hosts: Arc<Hosts>,
     pub health: Arc<Health>,
     pub shutdown: Shutdown,
+    /// Wakes the outbox clean-up when delivered rows were recorded.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
+}
+
+impl Worker {
+    /// The outbox row a delivered event leaves to delete, when the sink may be an outbox
+    /// table: the event's `meta.id` (events without one have no row).
+    pub(crate) fn cleanup_for(&self, ev: &Event) -> Option<String> {
+        match &self.sink {
+            Sink::Sql(s) if s.may_be_outbox() => ev.id.clone(),
+            _ => None,
+        }
+    }
 }
 
 impl Worker {
@@ -82,6 +95,8 @@ pub(crate) struct Ack {
     pub id: String,
     /// Attempt counter to clear with the acknowledgement.
     pub counter: Option<String>,
+    /// Outbox row of a delivered event, to delete (recorded with the acknowledgement).
+    pub cleanup: Option<String>,
 }
 
 /// An entry being worked on. While it lives the entry counts as in flight (kept fresh
@@ -187,10 +202,22 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
         let _ = l.await;
     }
     let key = sc.key.clone();
+    let consumer = sc.consumer.clone();
+    let w = sc.w.clone();
     sc.w.metrics.stream_leader.with_label_values(&[&key]).set(0);
     drop(sc);
     // All senders are gone: the acker flushes what is queued and ends.
     let _ = acker.await;
+    // A clean stop that left nothing pending: this consumer's name is not needed any more
+    // (every pod name would otherwise stay in the group forever).
+    if !w.shutdown.hard.is_cancelled() {
+        let mut con = w.redis.clone();
+        match w.scripts.remove_consumer(&mut con, &key, &w.cfg.group, &consumer).await {
+            Ok(true) => tracing::info!(stream = %key, consumer = %consumer, "nothing pending: consumer removed from the group"),
+            Ok(false) => tracing::info!(stream = %key, consumer = %consumer, "entries still pending: consumer kept for the next owner"),
+            Err(e) => tracing::debug!(error = %e, "could not remove the consumer"),
+        }
+    }
     tracing::info!(stream = %key, "stream consumer stopped");
 }
 
@@ -199,15 +226,22 @@ async fn ack_loop(w: Arc<Worker>, key: String, mut rx: mpsc::Receiver<Ack>, acki
     while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
         let ids: Vec<String> = batch.iter().map(|a| a.id.clone()).collect();
         let counters: Vec<String> = batch.iter().filter_map(|a| a.counter.clone()).collect();
+        let rows: Vec<String> = batch.iter().filter_map(|a| a.cleanup.clone()).collect();
         let (group, delete) = (&w.cfg.group, w.cfg.delete_on_ack);
-        let (ids_ref, counters_ref, key_ref) = (&ids, &counters, &key);
+        let (ids_ref, counters_ref, key_ref, rows_ref) = (&ids, &counters, &key, &rows);
+        let set = crate::dlq::outbox::cleanup_key(group);
+        let set = &set;
         let done = w
             .redis_retry("ack", |mut con| async move {
-                streams::ack(&mut con, key_ref, group, ids_ref, delete, counters_ref).await
+                let cleanups = Some((set.as_str(), rows_ref.as_slice()));
+                streams::ack(&mut con, key_ref, group, ids_ref, delete, counters_ref, cleanups).await
             })
             .await;
         if done.is_some() {
             w.metrics.ack_batch.observe(ids.len() as f64);
+            if !rows.is_empty() {
+                w.outbox_wake.notify_one();
+            }
             let mut set = crate::lock(&acking);
             for id in &ids {
                 set.remove(id);
@@ -411,7 +445,7 @@ impl Stream {
             if ordering::expected_by_ms(&value).is_some_and(|by| by < now_ms) {
                 tracing::warn!(stream = %self.key, key = %key, "an ordering key's holder never came back: handing the key on to its waiting events");
                 self.w.metrics.held_keys_expired.with_label_values(&[&self.key]).inc();
-                self.hand_on(&key, None, &value).await;
+                self.hand_on(&key, None, &value, None).await;
             }
         }
     }
@@ -506,7 +540,7 @@ impl Stream {
             // Listed in a pending list but deleted from the stream: nothing left to deliver.
             tracing::warn!(stream = %self.key, id = %entry.id, "pending entry no longer exists in the stream; acknowledging it");
             self.tracker.spawn(async move {
-                this.ack(&entry.id, None).await;
+                this.ack(&entry.id, None, None).await;
                 drop(claim);
             });
             return;
@@ -573,10 +607,10 @@ impl Stream {
         guard.armed = false;
     }
 
-    pub(crate) async fn ack(&self, id: &str, counter: Option<String>) {
+    pub(crate) async fn ack(&self, id: &str, counter: Option<String>, cleanup: Option<String>) {
         crate::lock(&self.acking).insert(id.to_string());
         // The channel is bounded: a slow Redis slows the consumers down rather than growing memory.
-        let _ = self.acks.send(Ack { id: id.to_string(), counter }).await;
+        let _ = self.acks.send(Ack { id: id.to_string(), counter, cleanup }).await;
     }
 }
 

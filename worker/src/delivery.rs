@@ -11,6 +11,7 @@ use reqwest::StatusCode;
 use sha2::Sha256;
 
 use crate::config::Config;
+use crate::policy::TargetPolicy;
 use crate::event::Event;
 use crate::limiter::Signal;
 use crate::retry::parse_retry_after;
@@ -96,13 +97,19 @@ type HmacSha256 = Hmac<Sha256>;
 pub struct Target {
     pub url: reqwest::Url,
     pub host: Arc<str>,
+    /// The default target's host or an allowlisted one: it may see TARGET_HEADERS and
+    /// signatures.
+    pub trusted: bool,
 }
 
 impl Target {
-    pub fn parse(url: &str) -> Option<Self> {
-        let url = reqwest::Url::parse(url).ok().filter(|u| matches!(u.scheme(), "http" | "https"))?;
+    /// An http(s) URL the policy allows; `Err` is the dead-letter reason.
+    pub fn parse(url: &str, policy: &TargetPolicy) -> Result<Self, &'static str> {
+        let url =
+            reqwest::Url::parse(url).ok().filter(|u| matches!(u.scheme(), "http" | "https")).ok_or("invalid_url")?;
+        let trusted = policy.check(&url)?;
         let host = host_key(&url).into();
-        Some(Self { url, host })
+        Ok(Self { url, host, trusted })
     }
 }
 
@@ -121,6 +128,7 @@ pub struct Deliverer {
     secret: Option<Vec<u8>>,
     targets: Arc<RwLock<HashMap<String, Target>>>,
     extra_headers: HeaderMap,
+    policy: TargetPolicy,
 }
 
 impl Deliverer {
@@ -132,6 +140,7 @@ impl Deliverer {
             .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("eventworker/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(cfg.targets.resolver())
             .build()?;
         Ok(Self {
             client,
@@ -146,31 +155,32 @@ impl Deliverer {
                     Some((reqwest::header::HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?))
                 })
                 .collect(),
+            policy: cfg.targets.clone(),
         })
     }
 
-    /// Where an event goes: `meta.url`, or the default URI with its type filled in. None
-    /// when that is not an http(s) URL.
-    pub fn target(&self, ev: &Event) -> Option<Target> {
+    /// Where an event goes: `meta.url`, or the default URI with its type filled in. `Err`
+    /// (the dead-letter reason) when that is not an http(s) URL or the policy refuses it.
+    pub fn target(&self, ev: &Event) -> Result<Target, &'static str> {
         if let Some(u) = &ev.url {
-            return Target::parse(u);
+            return Target::parse(u, &self.policy);
         }
         if let Some(t) = self.targets.read().unwrap_or_else(|p| p.into_inner()).get(&ev.event_type) {
-            return Some(t.clone());
+            return Ok(t.clone());
         }
         // The type comes from the producer: encoded, it cannot change the URL's structure.
-        let t =
-            Target::parse(&self.default_uri.replace("[EVENT_TYPE]", &crate::config::percent_encode(&ev.event_type)))?;
+        let url = self.default_uri.replace("[EVENT_TYPE]", &crate::config::percent_encode(&ev.event_type));
+        let t = Target::parse(&url, &self.policy)?;
         let mut cache = self.targets.write().unwrap_or_else(|p| p.into_inner());
         if cache.len() < TARGET_CACHE_MAX {
             cache.insert(ev.event_type.clone(), t.clone());
         }
-        Some(t)
+        Ok(t)
     }
 
     /// One POST attempt. `attempt` is 1-based.
     pub async fn deliver(&self, ev: &Event, target: &Target, stream_key: &str, attempt: u32) -> Outcome {
-        let headers = self.headers(ev, stream_key, attempt);
+        let headers = self.headers(ev, target, stream_key, attempt);
         let mut request = reqwest::Request::new(reqwest::Method::POST, target.url.clone());
         *request.headers_mut() = headers;
         *request.timeout_mut() = Some(ev.timeout.unwrap_or(self.read_timeout));
@@ -190,14 +200,18 @@ impl Deliverer {
                 outcome
             }
             Err(e) if e.is_builder() => Outcome::DeadLetter { reason: "invalid_url".into() },
+            Err(e) if crate::policy::is_denied_error(&e) => {
+                Outcome::DeadLetter { reason: crate::policy::DENIED.into() }
+            }
             Err(e) => classify_error(&e),
         }
     }
 
     /// The delivery headers of one attempt (also sent with the host's `OPTIONS` probe, so a
     /// receiver that checks them answers the probe as it would the delivery).
-    pub fn headers(&self, ev: &Event, stream_key: &str, attempt: u32) -> HeaderMap {
-        let mut headers = self.extra_headers.clone();
+    /// TARGET_HEADERS and signatures only go to a trusted target.
+    pub fn headers(&self, ev: &Event, target: &Target, stream_key: &str, attempt: u32) -> HeaderMap {
+        let mut headers = if target.trusted { self.extra_headers.clone() } else { HeaderMap::new() };
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         if let Some(id) = ev.id.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
             headers.insert("x-event-id", id);
@@ -212,7 +226,7 @@ impl Deliverer {
         if let Ok(v) = HeaderValue::from_str(&traceparent()) {
             headers.insert("traceparent", v);
         }
-        if let Some(secret) = &self.secret {
+        if let Some(secret) = self.secret.as_ref().filter(|_| target.trusted) {
             let ts = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let msg_id = ev.dlq_id();
             let sig = sign(secret, msg_id, ts, &ev.payload);
@@ -350,12 +364,13 @@ mod tests {
 
     #[test]
     fn host_keys_include_port() {
-        let key = |u: &str| Target::parse(u).unwrap().host.to_string();
+        let policy = TargetPolicy::parse("*", "", "http://a/").unwrap();
+        let key = |u: &str| Target::parse(u, &policy).unwrap().host.to_string();
         assert_eq!(key("http://a:8080/x/1"), "http://a:8080");
         assert_eq!(key("https://a/x"), "https://a:443");
         assert_ne!(key("http://a:1/"), key("http://a:2/"));
-        assert!(Target::parse("ftp://a/x").is_none());
-        assert!(Target::parse("not a url").is_none());
+        assert_eq!(Target::parse("ftp://a/x", &policy).err(), Some("invalid_url"));
+        assert_eq!(Target::parse("not a url", &policy).err(), Some("invalid_url"));
     }
 
     #[test]

@@ -8,6 +8,10 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("dead-letter sink {sink}: {msg}")]
     DeadLetter { sink: &'static str, msg: String },
+    /// The sink refuses this record for good (a value its table cannot hold, a 4xx): trying
+    /// again cannot help.
+    #[error("dead-letter sink {sink} refuses the record: {msg}")]
+    Rejected { sink: &'static str, msg: String },
     #[error("admin server: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]

@@ -56,9 +56,15 @@ impl Stream {
                 return Box::pin(self.dead_letter(job, lane, "max_attempts", failures)).await;
             }
         }
-        let Some(target) = w.deliverer.target(ev) else {
-            w.metrics.failed.with_label_values(&[&self.key, w.metrics.type_label(&ev.event_type), "invalid_url"]).inc();
-            return Box::pin(self.dead_letter(job, lane, "invalid_url", failures + 1)).await;
+        let target = match w.deliverer.target(ev) {
+            Ok(t) => t,
+            Err(reason) => {
+                w.metrics.failed.with_label_values(&[&self.key, w.metrics.type_label(&ev.event_type), reason]).inc();
+                if reason != "invalid_url" {
+                    tracing::warn!(stream = %self.key, id = ev.dlq_id(), url = ev.url.as_deref().unwrap_or(""), reason, "event's target refused by TARGET_ALLOWLIST / TARGET_DENYLIST: dead-lettering it");
+                }
+                return Box::pin(self.dead_letter(job, lane, reason, failures + 1)).await;
+            }
         };
 
         // Admission. An event that has to wait gives its read slot up for a parking slot,
@@ -106,7 +112,7 @@ impl Stream {
         if matches!(outcome, Outcome::HostDown { .. }) && !own_timeout {
             // An event's own short timeout says little about its host: only failures at
             // the host's normal terms pause it.
-            w.hosts.trip(&target, outcome.reason(), w.deliverer.headers(ev, &self.key, attempt));
+            w.hosts.trip(&target, outcome.reason(), w.deliverer.headers(ev, &target, &self.key, attempt));
         }
         permit.finish(outcome.signal());
         let type_label = w.metrics.type_label(&ev.event_type);
@@ -120,7 +126,8 @@ impl Stream {
                     w.metrics.event_age.with_label_values(&[&self.key, type_label]).observe(age);
                 }
                 let clear = failures > 0 || job.recovered;
-                self.finished(job, lane, clear).await
+                let cleanup = w.cleanup_for(&job.ev);
+                self.finished(job, lane, clear, cleanup).await
             }
             Outcome::DeadLetter { .. } => {
                 w.metrics.failed.with_label_values(&[&self.key, type_label, &reason]).inc();
@@ -199,6 +206,7 @@ impl Stream {
         }
         let meta_json = Value::Object(meta).to_string();
         let timeout = ev.timeout.map(|t| t.as_secs_f64().to_string());
+        let counter = counter_key(&self.key, ev.dlq_id());
         let token = lane.map(|_| new_token());
         let hold = lane.zip(token.as_deref()).map(|(k, t)| (self.held_key.as_str(), k, t));
         let req = ScheduleReq {
@@ -212,6 +220,7 @@ impl Stream {
             timeout: timeout.as_deref().map(str::as_bytes),
             hold,
             expect_by_ms: self.expect_by_ms(delay.min(MAX_SCHEDULE_DELAY)),
+            drop_counter: ev.id.is_none().then_some(counter.as_str()),
         };
         let (scripts, req) = (&w.scripts, &req);
         if w.redis_retry("schedule", |mut con| async move { scripts.schedule(&mut con, req).await }).await.is_some() {
@@ -259,27 +268,29 @@ impl Stream {
     }
 
     /// The event is done with (delivered, or accepted by the dead-letter sink): acknowledge
-    /// it, and hand its key on when it held it.
-    async fn finished(&self, job: Job, lane: Option<&str>, clear_counter: bool) {
+    /// it (recording its outbox row's clean-up when delivered), and hand its key on when it
+    /// held it.
+    async fn finished(&self, job: Job, lane: Option<&str>, clear_counter: bool, cleanup: Option<String>) {
         let ev = &job.ev;
         let counter = counter_key(&self.key, ev.dlq_id());
         let holder = lane.filter(|k| ev.hold_token.is_some() && self.holds.token(k) == ev.hold_token);
         let (Some(key), Some(token)) = (holder, ev.hold_token.as_deref()) else {
-            return self.ack(&ev.entry_id, clear_counter.then_some(counter)).await;
+            return self.ack(&ev.entry_id, clear_counter.then_some(counter), cleanup).await;
         };
-        Box::pin(self.release(ev, key, token, &counter)).await
+        let woke = cleanup.is_some();
+        Box::pin(self.hand_on(key, Some((&ev.entry_id, &counter)), token, cleanup.as_deref())).await;
+        if woke {
+            self.w.outbox_wake.notify_one();
+        }
     }
 
-    /// Acknowledge an event that held its key and hand the key on (see `ordering.rs`).
-    async fn release(&self, ev: &Event, key: &str, token: &str, counter: &str) {
-        self.hand_on(key, Some((&ev.entry_id, counter)), token).await;
-    }
-
-    /// Hand a held key on: after its holder finished (`finished`), or because it never came
-    /// back (`finished` None, `token` the value the sweep saw).
-    pub(crate) async fn hand_on(&self, key: &str, finished: Option<(&str, &str)>, token: &str) {
+    /// Hand a held key on: after its holder finished (`finished`, acknowledged here with
+    /// its outbox clean-up), or because it never came back (`finished` None, `token` the
+    /// value the sweep saw).
+    pub(crate) async fn hand_on(&self, key: &str, finished: Option<(&str, &str)>, token: &str, cleanup: Option<&str>) {
         let w = &self.w;
         let keys = HoldKeys::new(&w.cfg.group, &self.key, key);
+        let set = crate::dlq::outbox::cleanup_key(&w.cfg.group);
         let next = new_token();
         let req = ReleaseReq {
             stream_key: &self.key,
@@ -292,6 +303,7 @@ impl Stream {
             next_token: &next,
             batch: RELEASE_BATCH,
             expect_by_ms: self.expect_by_ms(Duration::ZERO),
+            cleanup: cleanup.map(|row| (set.as_str(), row)),
         };
         let req = &req;
         let released =
@@ -338,7 +350,7 @@ impl Stream {
     async fn dead_letter(&self, job: Job, lane: Option<&str>, reason: &str, attempts: u32) {
         let ev = &job.ev;
         if self.send_to_sink(&dead_letter_of(ev, &self.key, reason, attempts)).await {
-            self.finished(job, lane, true).await;
+            self.finished(job, lane, true, None).await;
         }
     }
 
@@ -367,11 +379,12 @@ impl Stream {
             meta: None,
         };
         if self.send_to_sink(&record).await {
-            self.ack(&entry.id, None).await;
+            self.ack(&entry.id, None, None).await;
         }
     }
 
-    /// Offer the record to the sink until it accepts; false at a hard stop (event stays pending).
+    /// Offer the record to the sink until it accepts; false at a hard stop (event stays
+    /// pending). A record the sink refuses for good goes to the Redis dead-letter stream.
     async fn send_to_sink(&self, record: &DeadLetter) -> bool {
         let w = &self.w;
         for n in 1.. {
@@ -384,6 +397,21 @@ impl Stream {
                 _ = w.shutdown.hard.cancelled() => return false,
             };
             match sent {
+                Err(crate::Error::Rejected { sink, msg }) => {
+                    w.metrics.dlq_refused.with_label_values(&[sink]).inc();
+                    tracing::warn!(sink, error = %msg, id = %record.id, stream = %self.key, reason = %record.reason, "dead-letter sink refuses this record for good: keeping it in the Redis stream events:dlq");
+                    let msg = &msg;
+                    let kept = w
+                        .redis_retry("dlq_stream", |mut con| async move {
+                            crate::dlq::stream::add(&mut con, record, msg).await
+                        })
+                        .await;
+                    if kept.is_none() {
+                        return false;
+                    }
+                    w.metrics.dead_lettered.with_label_values(&[&self.key, &record.reason]).inc();
+                    return true;
+                }
                 Ok(()) => {
                     if n > 1 {
                         w.health.set_dlq_error(None);

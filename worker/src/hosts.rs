@@ -484,7 +484,7 @@ mod tests {
     }
 
     fn target(u: &str) -> Target {
-        Target::parse(u).unwrap()
+        Target::parse(u, &crate::policy::TargetPolicy::parse("*", "", "http://a/").unwrap()).unwrap()
     }
 
     async fn go(h: &Hosts, t: &Target, prio: u32) -> HostPermit {

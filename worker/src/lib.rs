@@ -12,6 +12,7 @@ pub mod hosts;
 pub mod limiter;
 pub mod metrics;
 pub mod ordering;
+pub mod policy;
 pub mod retry;
 pub mod scheduler;
 pub mod shutdown;
@@ -27,6 +28,29 @@ pub use error::{Error, Result};
 /// Lock a mutex; a panic elsewhere while holding it does not make its data unusable here.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A message with the credentials of any URL in it (`scheme://user:password@host`)
+/// replaced by `***`, for logs and errors.
+pub fn redact(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', whitespace or quote; credentials end at its last '@'.
+        let end = tail.find(|c: char| c == '/' || c.is_whitespace() || c == '"' || c == '\'').unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&tail[at..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 use crate::admin::{AdminState, Health};
@@ -83,7 +107,13 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
         metrics: metrics.clone(),
         health: health.clone(),
         shutdown: shutdown.clone(),
+        outbox_wake: Arc::default(),
     });
+    if cfg.admin_token.is_none() && matches!(w.sink, Sink::Sql(_)) {
+        tracing::warn!(
+            "ADMIN_TOKEN is not set: GET /reprocess-dlq (the original's endpoint) replays dead letters without authentication; set ADMIN_TOKEN to require a token"
+        );
+    }
 
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let app = admin::router(AdminState {
@@ -96,6 +126,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
         },
         token: cfg.admin_token.clone(),
         default_stream: dlq::cli::default_stream(&cfg),
+        streams: cfg.streams.iter().map(|s| config::stream_key(s)).collect(),
     });
     let admin = tokio::spawn({
         let stop = admin_stop.clone();
@@ -125,13 +156,18 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
         async move { hosts.evict_idle(stop).await }
     });
     let stats = tokio::spawn(stats::run(w.clone()));
+    let outbox_stop = tokio_util::sync::CancellationToken::new();
+    let outbox = tokio::spawn(dlq::outbox::run(w.clone(), outbox_stop.clone()));
     let consumers: Vec<_> =
         cfg.streams.iter().map(|name| tokio::spawn(consumer::run_stream(w.clone(), name.clone()))).collect();
     for c in consumers {
         let _ = c.await;
     }
+    // The last acknowledgements recorded their clean-ups: apply them once more, then stop.
+    outbox_stop.cancel();
     let _ = scheduler.await;
     let _ = stats.await;
+    let _ = outbox.await;
     let _ = evictor.await;
     // Everything drained: let the grace timer go.
     shutdown.hard.cancel();
@@ -139,4 +175,18 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
     let _ = admin.await;
     tracing::info!("eventworker stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(
+            super::redact("redis at redis://:hunter2@db:6379/0 did not answer"),
+            "redis at redis://***@db:6379/0 did not answer"
+        );
+        assert_eq!(super::redact("mysql://u:p@h/db and rediss://h:1"), "mysql://***@h/db and rediss://h:1");
+        assert_eq!(super::redact("no url here"), "no url here");
+        assert_eq!(super::redact("redis://user:p@ss@host"), "redis://***@host");
+    }
 }

@@ -10,7 +10,7 @@ fn main() -> std::process::ExitCode {
     let (cfg, command) = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("eventworker: {e}");
+            eprintln!("eventworker: {}", eventworker::redact(&e.to_string()));
             return std::process::ExitCode::from(2);
         }
     };
@@ -25,7 +25,7 @@ fn main() -> std::process::ExitCode {
                 Some(Command::Dlq { action }) => match eventworker::dlq::cli::run(&cfg, action).await {
                     Ok(()) => std::process::ExitCode::SUCCESS,
                     Err(e) => {
-                        eprintln!("eventworker: {e}");
+                        eprintln!("eventworker: {}", eventworker::redact(&e.to_string()));
                         std::process::ExitCode::from(1)
                     }
                 },
@@ -46,7 +46,7 @@ async fn run(cfg: Config) -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("eventworker: {e}");
+            eprintln!("eventworker: {}", eventworker::redact(&e.to_string()));
             std::process::ExitCode::from(1)
         }
     }

@@ -1,7 +1,7 @@
 //! Every metric the worker exports, registered into one registry.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -22,6 +22,12 @@ pub struct Metrics {
     pub dlq_sink_errors: IntCounterVec,
     pub retries_scheduled: IntCounterVec,
     pub scheduled_retries: IntGauge,
+    pub dlq_refused: IntCounterVec,
+    pub dlq_stream_length: IntGauge,
+    pub outbox_cleanups_pending: IntGauge,
+    pub outbox_rows_deleted: IntCounter,
+    pub outbox_undelivered: IntGauge,
+    pub consumers_removed: IntCounter,
     pub in_flight: IntGaugeVec,
     pub stream_length: IntGaugeVec,
     pub stream_pending: IntGaugeVec,
@@ -95,6 +101,42 @@ impl Metrics {
             scheduled_retries: reg(
                 &r,
                 IntGauge::new("scheduled_retries", "Entries waiting in events:retry:delays").expect("valid metric"),
+            ),
+            dlq_refused: counter(
+                "dlq_refused_total",
+                "Dead letters the sink refused for good, kept in the Redis stream events:dlq instead",
+                &["sink"],
+            ),
+            dlq_stream_length: reg(
+                &r,
+                IntGauge::new("dlq_stream_length", "Dead letters waiting in the Redis stream events:dlq")
+                    .expect("valid metric"),
+            ),
+            outbox_cleanups_pending: reg(
+                &r,
+                IntGauge::new(
+                    "outbox_cleanups_pending",
+                    "Delivered events whose outbox row is not deleted yet (recorded in Redis)",
+                )
+                .expect("valid metric"),
+            ),
+            outbox_rows_deleted: reg(
+                &r,
+                IntCounter::new("outbox_rows_deleted_total", "Outbox rows deleted after delivery")
+                    .expect("valid metric"),
+            ),
+            outbox_undelivered: reg(
+                &r,
+                IntGauge::new(
+                    "outbox_undelivered_rows",
+                    "Outbox rows neither delivered nor dead-lettered OUTBOX_AUDIT_AFTER after created_at",
+                )
+                .expect("valid metric"),
+            ),
+            consumers_removed: reg(
+                &r,
+                IntCounter::new("consumers_removed_total", "Idle consumers with nothing pending removed from the group")
+                    .expect("valid metric"),
             ),
             in_flight: gauge("events_in_flight", "Events read and not yet finished", &["stream"]),
             stream_length: gauge("stream_length", "XLEN of the stream", &["stream"]),

@@ -10,10 +10,19 @@ use crate::event::now_unix;
 use crate::streams;
 
 pub const INTERVAL: Duration = Duration::from_secs(5);
+/// How often the group's idle consumers are looked for.
+const CONSUMER_SWEEP: Duration = Duration::from_secs(300);
 
 pub async fn run(w: Arc<Worker>) {
+    let mut next_sweep = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         refresh(&w).await;
+        if tokio::time::Instant::now() >= next_sweep {
+            next_sweep = tokio::time::Instant::now() + CONSUMER_SWEEP;
+            if let Some(idle) = w.cfg.consumer_idle_timeout {
+                remove_idle_consumers(&w, idle).await;
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(INTERVAL) => {}
             _ = w.shutdown.stop.cancelled() => return,
@@ -46,5 +55,34 @@ async fn refresh(w: &Worker) {
         Ok(n) => w.metrics.scheduled_retries.set(n),
         Err(_) => ok = false,
     }
+    if let Ok(n) = crate::dlq::stream::len(&mut con).await {
+        w.metrics.dlq_stream_length.set(n);
+    }
     w.health.redis_ok.store(ok, Ordering::Relaxed);
+}
+
+/// Every pod name becomes a consumer of the group; pods come and go. Consumers idle longer
+/// than `CONSUMER_IDLE_TIMEOUT` with nothing pending are removed (atomically: one that got
+/// an entry meanwhile stays).
+async fn remove_idle_consumers(w: &Worker, idle: Duration) {
+    let mut con = w.redis.clone();
+    for name in &w.cfg.streams {
+        let key = stream_key(name);
+        let consumers = match streams::consumers(&mut con, &key, &w.cfg.group).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, stream = %key, "cannot list consumers");
+                continue;
+            }
+        };
+        for c in consumers {
+            if c.pending > 0 || c.idle < idle || c.name == w.cfg.consumer(name) {
+                continue;
+            }
+            if let Ok(true) = w.scripts.remove_consumer(&mut con, &key, &w.cfg.group, &c.name).await {
+                w.metrics.consumers_removed.inc();
+                tracing::info!(stream = %key, consumer = %c.name, idle_s = c.idle.as_secs(), "removed an idle consumer with nothing pending");
+            }
+        }
+    }
 }

@@ -131,7 +131,9 @@ pub async fn touch(con: &mut ConnectionManager, key: &str, group: &str, consumer
 }
 
 /// Acknowledge delivered entries in one round trip: XACK, XDEL (optional) and clear the
-/// attempt counters of those that had failed before.
+/// attempt counters of those that had failed before. `cleanups` (outbox rows to delete,
+/// see `dlq/outbox.rs`) are recorded in the same transaction as the XACK: a delivered
+/// event's clean-up is never lost, and never recorded for an entry not acknowledged.
 pub async fn ack(
     con: &mut ConnectionManager,
     key: &str,
@@ -139,8 +141,13 @@ pub async fn ack(
     ids: &[String],
     delete: bool,
     counters: &[String],
+    cleanups: Option<(&str, &[String])>,
 ) -> Result<()> {
     let mut p = redis::pipe();
+    if let Some((set, rows)) = cleanups.filter(|(_, rows)| !rows.is_empty()) {
+        p.atomic();
+        p.cmd("SADD").arg(set).arg(rows).ignore();
+    }
     p.cmd("XACK").arg(key).arg(group).arg(ids).ignore();
     if delete {
         p.cmd("XDEL").arg(key).arg(ids).ignore();
@@ -190,6 +197,9 @@ local rid = redis.call('XADD', KEYS[2], '*', unpack(args))
 redis.call('ZADD', KEYS[3], ARGV[4], rid)
 if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[4], ARGV[8], ARGV[9] .. ' 1 ' .. ARGV[10]) end
+-- An event without meta.id is counted under its entry id, which the retry changes: its
+-- attempts travel in meta, and the old counter goes.
+if ARGV[11] == '1' then redis.call('DEL', KEYS[5]) end
 return rid
 "#;
 
@@ -212,6 +222,7 @@ return 1
 /// ('' when the key is free). Safe to run twice: once the entry is acknowledged, a second
 /// run changes nothing and reports the key's state. With ARGV[9] = '1' it hands on a key
 /// whose holder never came back (its value still ARGV[5], as the sweep saw it).
+/// ARGV[10], when not empty, is an outbox row to clean up, recorded in KEYS[6] with the XACK.
 /// Values are "<token> <events in circulation> <expected back by, unix ms>".
 const HOLD_RELEASE_LUA: &str = r#"
 local v = redis.call('HGET', KEYS[2], ARGV[4])
@@ -225,6 +236,7 @@ else
   if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return current end
   if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
   redis.call('DEL', KEYS[5])
+  if ARGV[10] ~= '' then redis.call('SADD', KEYS[6], ARGV[10]) end
   if tok ~= ARGV[5] then return current end
 end
 n = tonumber(n) - 1
@@ -275,6 +287,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// Remove a consumer from the group only if it has nothing pending: 1 when removed.
+const REMOVE_CONSUMER_LUA: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
 /// Move due retries back to their streams, atomically per call. Entries whose `stream`
 /// field is missing go to the fallback stream rather than being dropped.
 const MOVE_DUE_LUA: &str = r#"
@@ -315,6 +335,7 @@ pub struct Scripts {
     hold_release: Script,
     lease: Script,
     unlease: Script,
+    remove_consumer: Script,
 }
 
 impl Default for Scripts {
@@ -326,6 +347,7 @@ impl Default for Scripts {
             hold_release: Script::new(HOLD_RELEASE_LUA),
             lease: Script::new(LEASE_LUA),
             unlease: Script::new(UNLEASE_LUA),
+            remove_consumer: Script::new(REMOVE_CONSUMER_LUA),
         }
     }
 }
@@ -369,6 +391,8 @@ pub struct ScheduleReq<'a> {
     pub hold: Option<(&'a str, &'a str, &'a str)>,
     /// When the held key should see this entry again at the latest (unix ms), for the sweep.
     pub expect_by_ms: u64,
+    /// An attempt counter to delete with the move (events without `meta.id`).
+    pub drop_counter: Option<&'a str>,
 }
 
 /// Hand a held key on: after its holder finished, or (`finished` None) because the holder
@@ -387,6 +411,8 @@ pub struct ReleaseReq<'a> {
     pub batch: usize,
     /// When the key should change again at the latest (unix ms).
     pub expect_by_ms: u64,
+    /// An outbox row to delete, recorded with the acknowledgement: (set, row id).
+    pub cleanup: Option<(&'a str, &'a str)>,
 }
 
 /// An event joining a held key's waiting events.
@@ -422,6 +448,8 @@ impl Scripts {
             .arg(r.hold.map(|h| h.2).unwrap_or(""))
             .key(r.hold.map(|h| h.0).unwrap_or(RETRY_DELAYS))
             .arg(r.expect_by_ms)
+            .key(r.drop_counter.unwrap_or(RETRY_DELAYS))
+            .arg(if r.drop_counter.is_some() { "1" } else { "0" })
             .invoke_async(con)
             .await?;
         Ok(id)
@@ -466,6 +494,8 @@ impl Scripts {
             .arg(r.batch)
             .arg(r.expect_by_ms)
             .arg(if r.finished.is_none() { "1" } else { "0" })
+            .key(r.cleanup.map(|c| c.0).unwrap_or(&r.keys.held))
+            .arg(r.cleanup.map(|c| c.1).unwrap_or(""))
             .invoke_async(con)
             .await?)
     }
@@ -479,6 +509,18 @@ impl Scripts {
     pub async fn unlease(&self, con: &mut ConnectionManager, key: &str, owner: &str) -> Result<()> {
         let _: i64 = self.unlease.key(key).arg(owner).invoke_async(con).await?;
         Ok(())
+    }
+
+    /// Remove `consumer` from the group if nothing is pending for it; true when removed.
+    pub async fn remove_consumer(
+        &self,
+        con: &mut ConnectionManager,
+        key: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<bool> {
+        let n: i64 = self.remove_consumer.key(key).arg(group).arg(consumer).invoke_async(con).await?;
+        Ok(n == 1)
     }
 
     /// Returns how many entries were moved.
@@ -542,6 +584,32 @@ pub async fn stats(con: &mut ConnectionManager, key: &str, group: &str) -> Resul
         }
     }
     Ok(s)
+}
+
+/// One consumer of a group, from XINFO CONSUMERS.
+#[derive(Debug, Clone)]
+pub struct ConsumerInfo {
+    pub name: String,
+    pub pending: i64,
+    /// Since its last read (or claim).
+    pub idle: Duration,
+}
+
+pub async fn consumers(con: &mut ConnectionManager, key: &str, group: &str) -> Result<Vec<ConsumerInfo>> {
+    let v: Value = redis::cmd("XINFO").arg("CONSUMERS").arg(key).arg(group).query_async(con).await?;
+    let Value::Array(items) = v else { return Ok(vec![]) };
+    Ok(items
+        .into_iter()
+        .filter_map(|c| {
+            let fields = pairs(c);
+            let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+            Some(ConsumerInfo {
+                name: get("name").and_then(as_string)?,
+                pending: get("pending").and_then(as_i64).unwrap_or(0),
+                idle: Duration::from_millis(get("idle").and_then(as_i64).unwrap_or(0).max(0) as u64),
+            })
+        })
+        .collect())
 }
 
 pub async fn scheduled_count(con: &mut ConnectionManager) -> Result<i64> {

@@ -469,6 +469,7 @@ async fn hold_scripts_are_safe_to_run_twice() {
             timeout: None,
             hold: Some((&held, "k", "t1")),
             expect_by_ms: 0,
+            drop_counter: None,
         };
         scripts.schedule(&mut cm, &req).await.unwrap();
     }
@@ -511,6 +512,7 @@ async fn hold_scripts_are_safe_to_run_twice() {
             next_token: "t3",
             batch: 100,
             expect_by_ms: 42,
+            cleanup: Some(("outbox:delivered", "row-b")),
         };
         answers.push(scripts.hold_release(&mut cm, &req).await.unwrap());
     }
@@ -518,6 +520,8 @@ async fn hold_scripts_are_safe_to_run_twice() {
     assert_eq!(xlen(&mut con, "events:fast").await, before - 1 + 2, "b deleted, the two waiting events back once");
     let v: String = redis::cmd("HGET").arg(&held).arg("k").query_async(&mut con).await.unwrap();
     assert_eq!(v, "t3 2 42");
+    let rows: Vec<String> = redis::cmd("SMEMBERS").arg("outbox:delivered").query_async(&mut con).await.unwrap();
+    assert_eq!(rows, ["row-b"], "the delivered event's outbox clean-up is recorded with its acknowledgement");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,10 +24,14 @@ impl HttpSink {
             .send()
             .await
             .map_err(|e| err(e.to_string()))?;
-        if resp.status().is_success() {
+        let status = resp.status();
+        if status.is_success() {
             Ok(())
+        } else if status.is_client_error() && !matches!(status.as_u16(), 408 | 429) {
+            // 400, 413, 422...: this record will never be taken, however often it is sent.
+            Err(Error::Rejected { sink: "http", msg: format!("{} answered {status}", crate::redact(&self.uri)) })
         } else {
-            Err(err(format!("{} answered {}", self.uri, resp.status())))
+            Err(err(format!("{} answered {status}", crate::redact(&self.uri))))
         }
     }
 }

@@ -1,11 +1,15 @@
 //! Dead-letter sinks. The first configured wins: SQL (next), HTTP, console. A sink either
-//! accepts a record durably (`Ok`) or fails; the caller holds the event and retries.
+//! accepts a record durably (`Ok`), fails for now (the caller holds the event and tries
+//! again), or refuses the record for good (`Error::Rejected`: the caller puts it in the
+//! Redis dead-letter stream, `stream.rs`, so it never blocks).
 
 pub mod cli;
 mod console;
 mod http;
+pub mod outbox;
 pub mod redrive;
 pub mod sql;
+pub mod stream;
 
 use base64::Engine;
 use serde::Serialize;
@@ -52,10 +56,10 @@ pub enum Sink {
 impl Sink {
     pub fn from_config(cfg: &DlqConfig, client: reqwest::Client) -> Result<Self> {
         match cfg {
-            DlqConfig::Console => Ok(Sink::Console(ConsoleSink)),
+            DlqConfig::Console => Ok(Sink::Console(ConsoleSink::new())),
             DlqConfig::Http { uri } => Ok(Sink::Http(HttpSink::new(uri.clone(), client))),
-            DlqConfig::Sql { url, table, event_table } => {
-                Ok(Sink::Sql(std::sync::Arc::new(SqlSink::new(url, table, event_table.as_deref())?)))
+            DlqConfig::Sql { url, table, event_table, mode } => {
+                Ok(Sink::Sql(std::sync::Arc::new(SqlSink::new(url, table, event_table.as_deref(), *mode)?)))
             }
         }
     }
@@ -70,7 +74,7 @@ impl Sink {
 
     pub async fn send(&self, record: &DeadLetter) -> Result<()> {
         match self {
-            Sink::Console(s) => s.send(record),
+            Sink::Console(s) => s.send(record).await,
             Sink::Http(s) => s.send(record).await,
             Sink::Sql(s) => s.send(record).await,
         }

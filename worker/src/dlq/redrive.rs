@@ -1,6 +1,8 @@
-//! Redrive: choose dead letters with a filter and move them back into a stream, each row
-//! once (the row is deleted in the same transaction that saw the XADD succeed).
+//! Redrive: choose dead letters with a filter and move them back into a stream, each once:
+//! a SQL row is deleted (or its outbox `dlq` mark cleared) in the same transaction that saw
+//! the XADD succeed; a letter of the Redis stream `events:dlq` is moved by one script.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::Engine;
@@ -168,6 +170,8 @@ pub struct Moved {
     pub stream: String,
     /// New stream entry id (None in a dry run).
     pub entry: Option<String>,
+    /// Where the letter was kept: `sql` or `redis` (`events:dlq`).
+    pub store: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -184,6 +188,33 @@ fn stream_key(name: &str) -> String {
         name.to_string()
     } else {
         format!("{STREAM_PREFIX}{name}")
+    }
+}
+
+/// The streams a replay may write to: the worker's own (`STREAMS`), so that a replayed
+/// event is certain to be consumed (never `events:retry` or a stream nobody reads).
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// Stream keys.
+    pub streams: Vec<String>,
+    /// Where letters go whose own stream is not one of them.
+    pub default: String,
+}
+
+impl Targets {
+    /// The stream a letter goes back to; `Err` when `--stream` names one that is not configured.
+    pub fn pick(&self, requested: Option<&str>, origin: Option<&str>) -> Result<String> {
+        if let Some(r) = requested {
+            let key = stream_key(r);
+            if !self.streams.contains(&key) {
+                return Err(Error::Invalid(format!(
+                    "stream {r:?} is not one of the worker's streams ({}): a replay goes only where it will be consumed",
+                    self.streams.join(", ")
+                )));
+            }
+            return Ok(key);
+        }
+        Ok(origin.map(stream_key).filter(|k| self.streams.contains(k)).unwrap_or_else(|| self.default.clone()))
     }
 }
 
@@ -210,25 +241,51 @@ pub fn entry_for(full: &FullRow) -> (String, Vec<u8>) {
     (Value::Object(meta).to_string(), payload)
 }
 
+/// Every stored dead letter: the SQL store's rows, then the Redis stream's letters (with
+/// their full content, keyed by stream entry id).
+pub async fn gather(
+    sql: Option<&SqlSink>,
+    redis: Option<&ConnectionManager>,
+) -> Result<(Vec<DlqRow>, HashMap<String, FullRow>)> {
+    let mut rows = match sql {
+        Some(s) => s.list().await?,
+        None => vec![],
+    };
+    let mut kept = HashMap::new();
+    if let Some(r) = redis {
+        for full in super::stream::list(&mut r.clone()).await? {
+            if let Some(e) = &full.row.entry {
+                rows.push(full.row.clone());
+                kept.insert(e.clone(), full);
+            }
+        }
+    }
+    Ok((rows, kept))
+}
+
 pub async fn replay(
-    sink: &SqlSink,
+    sql: Option<&SqlSink>,
     redis: &ConnectionManager,
     filter: &Filter,
     opts: &ReplayOptions,
-    default_stream: &str,
+    targets: &Targets,
     mut progress: impl FnMut(&Moved),
 ) -> Result<ReplayReport> {
     filter.validate()?;
-    let rows = filter.apply(sink.list().await?);
+    if let Some(s) = &opts.stream {
+        targets.pick(Some(s), None)?;
+    }
+    let (rows, kept) = gather(sql, Some(redis)).await?;
+    let rows = filter.apply(rows);
     let mut report = ReplayReport { dry_run: opts.dry_run, matched: rows.len(), ..Default::default() };
     // Bounded: a tiny rate (1e-300) must not overflow the pause.
     let pause =
         opts.rate.filter(|r| *r > 0.0).and_then(|r| crate::retry::bounded_secs(1.0 / r, Duration::from_secs(3600)));
     let mut next = tokio::time::Instant::now();
     for row in rows {
-        let target = stream_key(opts.stream.as_deref().or(row.stream.as_deref()).unwrap_or(default_stream));
+        let target = targets.pick(opts.stream.as_deref(), row.stream.as_deref())?;
         if opts.dry_run {
-            let m = Moved { id: row.id.clone(), stream: target, entry: None };
+            let m = Moved { id: row.id.clone(), stream: target, entry: None, store: row.store };
             progress(&m);
             report.replayed.push(m);
             continue;
@@ -238,25 +295,21 @@ pub async fn replay(
             next += p;
         }
         let mut con = redis.clone();
-        let origin = row.stream.clone();
-        let target_ref = &target;
-        let taken = sink
-            .take(&row.id, |full| async move {
-                let (meta, payload) = entry_for(&full);
-                let mut p = redis::pipe();
-                p.atomic().cmd("XADD").arg(target_ref).arg("*").arg("meta").arg(&meta).arg("payload").arg(payload);
-                // A replayed event starts with fresh attempts.
-                p.cmd("DEL").arg(crate::streams::counter_key(target_ref, &full.row.id)).ignore();
-                if let Some(o) = &origin {
-                    p.cmd("DEL").arg(crate::streams::counter_key(o, &full.row.id)).ignore();
+        let entry = match (&row.entry, sql) {
+            (Some(e), _) => match kept.get(e) {
+                Some(full) => {
+                    let (meta, payload) = entry_for(full);
+                    let counter = crate::streams::counter_key(&target, &row.id);
+                    super::stream::take(&mut con, e, &target, &counter, &meta, &payload).await?
                 }
-                let (entry,): (String,) = p.query_async(&mut con).await?;
-                Ok(FullRow { meta: Some(entry), ..full })
-            })
-            .await?;
-        match taken {
-            Some(full) => {
-                let m = Moved { id: row.id.clone(), stream: target.clone(), entry: full.meta };
+                None => None,
+            },
+            (None, Some(sink)) => take_sql(sink, &mut con, &row, &target).await?,
+            (None, None) => None,
+        };
+        match entry {
+            Some(entry) => {
+                let m = Moved { id: row.id.clone(), stream: target.clone(), entry: Some(entry), store: row.store };
                 progress(&m);
                 report.replayed.push(m);
             }
@@ -264,6 +317,26 @@ pub async fn replay(
         }
     }
     Ok(report)
+}
+
+/// One SQL row back into `target`; the row changes only if the XADD succeeded.
+async fn take_sql(sink: &SqlSink, con: &mut ConnectionManager, row: &DlqRow, target: &str) -> Result<Option<String>> {
+    let origin = row.stream.clone();
+    let taken = sink
+        .take(&row.id, |full| async move {
+            let (meta, payload) = entry_for(&full);
+            let mut p = redis::pipe();
+            p.atomic().cmd("XADD").arg(target).arg("*").arg("meta").arg(&meta).arg("payload").arg(payload);
+            // A replayed event starts with fresh attempts.
+            p.cmd("DEL").arg(crate::streams::counter_key(target, &full.row.id)).ignore();
+            if let Some(o) = &origin {
+                p.cmd("DEL").arg(crate::streams::counter_key(o, &full.row.id)).ignore();
+            }
+            let (entry,): (String,) = p.query_async(con).await?;
+            Ok(FullRow { meta: Some(entry), ..full })
+        })
+        .await?;
+    Ok(taken.and_then(|f| f.meta))
 }
 
 #[cfg(test)]
@@ -278,6 +351,8 @@ mod tests {
             stream: Some("events:fast".into()),
             attempts: Some(1),
             last_failed_at: Some(at.into()),
+            store: "sql",
+            entry: None,
         }
     }
 
@@ -303,6 +378,18 @@ mod tests {
         assert_eq!(ids(FilterQuery { limit: Some(1), ..Default::default() }), ["1"]);
         assert!(FilterQuery { dry_run: Some("true".into()), ..Default::default() }.options().dry_run);
         assert!(!FilterQuery::default().options().dry_run);
+    }
+
+    #[test]
+    fn replays_go_only_to_configured_streams() {
+        let t = Targets { streams: vec!["events:fast".into(), "events:default".into()], default: "events:default".into() };
+        assert_eq!(t.pick(None, Some("events:fast")).unwrap(), "events:fast");
+        assert_eq!(t.pick(None, Some("events:gone")).unwrap(), "events:default", "an unconsumed origin");
+        assert_eq!(t.pick(None, None).unwrap(), "events:default");
+        assert_eq!(t.pick(Some("fast"), Some("events:default")).unwrap(), "events:fast");
+        let err = t.pick(Some("retry"), None).unwrap_err().to_string();
+        assert!(err.contains("\"retry\"") && err.contains("events:fast"), "{err}");
+        assert!(t.pick(Some("events:retry"), None).is_err());
     }
 
     #[test]

@@ -1,15 +1,24 @@
 //! SQL dead-letter store (PostgreSQL, MySQL/MariaDB, SQLite) and the redrive of its rows.
 //!
-//! A dead letter is committed (upserted by id, and the source row deleted when
-//! `EVENT_DB_TABLE` is set, in one transaction) before its stream entry is acknowledged.
+//! Two kinds of table. A dead-letter table (created when missing) holds one row per dead
+//! letter. The original's outbox table (the application's own event table, recognised by
+//! its `dlq` column) holds one row per event: delivered rows are deleted (see
+//! `outbox.rs`), dead letters are marked `dlq = 1`, replays clear the mark.
+//!
+//! A dead letter is committed (and the source row deleted when `EVENT_DB_TABLE` is set, in
+//! the same transaction) before its stream entry is acknowledged.
 
 use std::time::Duration;
 
+use std::collections::HashMap;
+
+use base64::Engine;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use tokio::sync::OnceCell;
 
 use super::DeadLetter;
+use crate::config::DbMode;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +67,12 @@ pub struct DlqRow {
     pub stream: Option<String>,
     pub attempts: Option<i64>,
     pub last_failed_at: Option<String>,
+    /// Where the letter is kept: `sql` (the configured table) or `redis` (the `events:dlq`
+    /// stream, for letters no sink would take).
+    pub store: &'static str,
+    /// The `events:dlq` entry id of a letter kept in Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<String>,
 }
 
 /// A stored dead letter with everything needed to put it back into a stream.
@@ -68,21 +83,69 @@ pub struct FullRow {
     pub meta: Option<String>,
 }
 
+/// How the table is used, learned from its columns (`DLQ_DB_MODE=auto`) or set.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    /// A dead-letter table: the original's four columns (`extended` false) or ours.
+    DeadLetter { extended: bool },
+    /// The application's event table: rows are deleted once delivered, `dlq` marks the
+    /// dead letters. Used as it is, never created or altered.
+    Outbox(Outbox),
+}
+
+/// What the outbox table offers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outbox {
+    /// The id column is an integer type: ids are bound as integers (an id that is not a
+    /// number cannot have a row).
+    pub numeric_id: bool,
+    /// SQL literals for the `dlq` flag (BOOLEAN or an integer column).
+    pub flag_true: &'static str,
+    pub flag_false: &'static str,
+    pub stream: bool,
+    pub reason: bool,
+    pub created_at: bool,
+}
+
+/// An id as the table's id column wants it.
+enum IdValue {
+    Int(i64),
+    Text(String),
+}
+
 pub struct SqlSink {
     pool: AnyPool,
     dialect: Dialect,
     table: String,
     event_table: Option<String>,
-    /// Whether the table has our extra columns (a table created by the original has only
-    /// id, type, reason, payload).
-    extended: OnceCell<bool>,
+    mode: DbMode,
+    shape: OnceCell<Shape>,
 }
 
-const EXTRA_COLUMNS: &str = "stream, meta, attempts, dead_lettered, first_failed_at, last_failed_at";
+const EXTRA_COLUMNS: [&str; 6] = ["stream", "meta", "attempts", "dead_lettered", "first_failed_at", "last_failed_at"];
+
+/// Whether a database error is about this record (a value the table refuses: too long, a
+/// NUL byte, a constraint) rather than about the database being unreachable or busy.
+/// SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation).
+pub fn is_permanent(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
+            code.starts_with("22")
+                || code.starts_with("23")
+                || code.starts_with("HY")
+                || matches!(d.kind(), sqlx::error::ErrorKind::NotNullViolation | sqlx::error::ErrorKind::CheckViolation)
+                // MySQL reports "data too long" and friends with these numbers.
+                || ["1406", "1264", "1366", "1048", "1452"].contains(&code.as_str())
+        }
+        sqlx::Error::Encode(_) | sqlx::Error::TypeNotFound { .. } => true,
+        _ => false,
+    }
+}
 
 impl SqlSink {
     /// Connects lazily: the worker starts (not ready) while the database is down.
-    pub fn new(url: &str, table: &str, event_table: Option<&str>) -> Result<Self> {
+    pub fn new(url: &str, table: &str, event_table: Option<&str>, mode: DbMode) -> Result<Self> {
         let (dialect, url) = normalize_url(url)?;
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()
@@ -90,13 +153,14 @@ impl SqlSink {
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy(&url)
-            .map_err(|e| Error::Config { var: "DLQ_DB_CONNECTION", msg: e.to_string() })?;
+            .map_err(|e| Error::Config { var: "DLQ_DB_CONNECTION", msg: crate::redact(&e.to_string()) })?;
         Ok(Self {
             pool,
             dialect,
             table: table.to_string(),
             event_table: event_table.map(str::to_string),
-            extended: OnceCell::new(),
+            mode,
+            shape: OnceCell::new(),
         })
     }
 
@@ -104,15 +168,130 @@ impl SqlSink {
         self.dialect
     }
 
-    fn err(e: impl std::fmt::Display) -> Error {
-        Error::DeadLetter { sink: "sql", msg: e.to_string() }
+    pub fn table(&self) -> &str {
+        &self.table
     }
 
-    /// Create the table when missing, learn its shape, check the source table exists.
-    /// Runs once successfully; until then every call tries again.
-    pub async fn prepare(&self) -> Result<bool> {
-        self.extended
-            .get_or_try_init(|| async {
+    fn err(e: impl std::fmt::Display) -> Error {
+        Error::DeadLetter { sink: "sql", msg: crate::redact(&e.to_string()) }
+    }
+
+    /// A refusal of this record, or a failure to retry.
+    fn classify(e: sqlx::Error) -> Error {
+        if is_permanent(&e) {
+            Error::Rejected { sink: "sql", msg: e.to_string() }
+        } else {
+            Self::err(e)
+        }
+    }
+
+    /// The table's shape when it is known already (the database answered once).
+    pub fn known_shape(&self) -> Option<&Shape> {
+        self.shape.get()
+    }
+
+    /// Whether delivered events may have rows to delete: an outbox table, or one whose
+    /// shape is not known yet (the database has not answered) in `auto` mode.
+    pub fn may_be_outbox(&self) -> bool {
+        match self.shape.get() {
+            Some(s) => matches!(s, Shape::Outbox(_)),
+            None => self.mode != DbMode::Deadletter,
+        }
+    }
+
+    /// The table's columns and their types (lower case); None when there is no such table.
+    async fn columns(&self) -> Result<Option<HashMap<String, String>>> {
+        let (schema, name) = match self.table.split_once('.') {
+            Some((s, n)) => (Some(s), n),
+            None => (None, self.table.as_str()),
+        };
+        let rows = match self.dialect {
+            Dialect::Postgres => sqlx::query(
+                "SELECT CAST(a.attname AS TEXT) AS name, format_type(a.atttypid, a.atttypmod) AS type \
+                 FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            )
+            .bind(&self.table)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Self::err)?,
+            Dialect::MySql => {
+                let sql = format!(
+                    "SELECT COLUMN_NAME AS name, DATA_TYPE AS type FROM information_schema.COLUMNS \
+                     WHERE TABLE_SCHEMA = {} AND TABLE_NAME = ?",
+                    if schema.is_some() { "?" } else { "DATABASE()" }
+                );
+                let mut q = sqlx::query(&sql);
+                if let Some(s) = schema {
+                    q = q.bind(s);
+                }
+                q.bind(name).fetch_all(&self.pool).await.map_err(Self::err)?
+            }
+            Dialect::Sqlite => {
+                let sql = match schema {
+                    Some(_) => "SELECT name, type FROM pragma_table_info(?, ?)",
+                    None => "SELECT name, type FROM pragma_table_info(?)",
+                };
+                let mut q = sqlx::query(sql).bind(name);
+                if let Some(s) = schema {
+                    q = q.bind(s);
+                }
+                q.fetch_all(&self.pool).await.map_err(Self::err)?
+            }
+        };
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut out = HashMap::new();
+        for r in &rows {
+            let name = text(r, "name")?.unwrap_or_default().to_ascii_lowercase();
+            out.insert(name, text(r, "type")?.unwrap_or_default().to_ascii_lowercase());
+        }
+        Ok(Some(out))
+    }
+
+    /// Learn the table's shape (creating a dead-letter table when there is none), check the
+    /// source table exists. Runs once successfully; until then every call tries again.
+    pub async fn prepare(&self) -> Result<Shape> {
+        self.shape.get_or_try_init(|| self.learn_shape()).await.cloned()
+    }
+
+    async fn learn_shape(&self) -> Result<Shape> {
+        let bad = |msg: String| Error::Config { var: "DLQ_DB_TABLE", msg };
+        let mut cols = self.columns().await?;
+        let outbox = match self.mode {
+            DbMode::Outbox => match &cols {
+                None => return Err(bad(format!("{}: no such table (DLQ_DB_MODE=outbox uses the application's event table as it is)", self.table))),
+                Some(c) if !c.contains_key("dlq") => {
+                    return Err(bad(format!("{}: no dlq column, needed by DLQ_DB_MODE=outbox", self.table)))
+                }
+                Some(_) => true,
+            },
+            DbMode::Auto => cols.as_ref().is_some_and(|c| c.contains_key("dlq")),
+            DbMode::Deadletter => false,
+        };
+        let shape = if outbox {
+            let c = cols.unwrap_or_default();
+            for needed in ["id", "type"] {
+                if !c.contains_key(needed) {
+                    return Err(bad(format!("{}: the outbox table has no {needed} column", self.table)));
+                }
+            }
+            let numeric_id = c["id"].contains("int") || c["id"].contains("serial");
+            let boolean = c["dlq"].starts_with("bool");
+            let (flag_true, flag_false) =
+                if self.dialect == Dialect::Postgres && !boolean { ("1", "0") } else { ("TRUE", "FALSE") };
+            let o = Outbox {
+                numeric_id,
+                flag_true,
+                flag_false,
+                stream: c.contains_key("stream"),
+                reason: c.contains_key("reason"),
+                created_at: c.contains_key("created_at"),
+            };
+            tracing::info!(table = %self.table, "the dead-letter table is the application's event table (dlq column): delivered rows are deleted, dead letters marked dlq = 1");
+            Shape::Outbox(o)
+        } else {
+            if cols.is_none() {
                 let (key, payload, ts) = match self.dialect {
                     Dialect::MySql => ("VARCHAR(255)", "LONGTEXT", "VARCHAR(32)"),
                     _ => ("VARCHAR(255)", "TEXT", "VARCHAR(32)"),
@@ -124,32 +303,42 @@ impl SqlSink {
                     t = self.table
                 );
                 sqlx::query(&ddl).execute(&self.pool).await.map_err(Self::err)?;
-                // Only a missing column means "the original's table"; any other error is
-                // passing and must not decide the table's shape for the life of the process.
-                let extended = match sqlx::query(&format!("SELECT {EXTRA_COLUMNS} FROM {} WHERE 1 = 0", self.table))
-                    .fetch_all(&self.pool)
-                    .await
-                {
-                    Ok(_) => true,
-                    Err(e) if e.to_string().to_ascii_lowercase().contains("column") => false,
-                    Err(e) => return Err(Self::err(e)),
-                };
-                if !extended {
-                    tracing::info!(table = %self.table, "dead-letter table has only the original columns; storing id, type, reason, payload");
+                cols = self.columns().await?;
+            }
+            let c = cols.unwrap_or_default();
+            for needed in ["id", "type", "reason", "payload"] {
+                if !c.is_empty() && !c.contains_key(needed) {
+                    return Err(bad(format!(
+                        "{}: no {needed} column; a dead-letter table needs id, type, reason, payload \
+                         (an application's event table needs a dlq column: DLQ_DB_MODE=outbox)",
+                        self.table
+                    )));
                 }
-                if let Some(et) = &self.event_table {
-                    sqlx::query(&format!("SELECT event_id FROM {et} WHERE 1 = 0")).fetch_all(&self.pool).await.map_err(
-                        |e| Error::Config { var: "EVENT_DB_TABLE", msg: format!("{et}: no table with an event_id column: {e}") },
-                    )?;
-                }
-                Ok::<bool, Error>(extended)
-            })
-            .await
-            .copied()
+            }
+            let extended = EXTRA_COLUMNS.iter().all(|x| c.contains_key(*x));
+            if !extended {
+                tracing::info!(table = %self.table, "dead-letter table has only the original columns; storing id, type, reason, payload");
+            }
+            Shape::DeadLetter { extended }
+        };
+        if let Some(et) = &self.event_table {
+            sqlx::query(&format!("SELECT event_id FROM {et} WHERE 1 = 0")).fetch_all(&self.pool).await.map_err(|e| {
+                Error::Config { var: "EVENT_DB_TABLE", msg: format!("{et}: no table with an event_id column: {e}") }
+            })?;
+        }
+        Ok(shape)
     }
 
     fn param(&self, n: usize) -> String {
         param(self.dialect, n)
+    }
+
+    /// `col` as text, whatever its type (ids, timestamps).
+    fn as_text(&self, col: &str) -> String {
+        match self.dialect {
+            Dialect::MySql => format!("CAST({col} AS CHAR)"),
+            _ => format!("CAST({col} AS TEXT)"),
+        }
     }
 
     fn source_delete_sql(&self, event_table: &str) -> String {
@@ -160,73 +349,307 @@ impl SqlSink {
         }
     }
 
-    /// Store the dead letter (upsert by id) and delete its source row, in one transaction.
+    /// Store the dead letter and delete its source row (`EVENT_DB_TABLE`), in one
+    /// transaction. A record the table refuses for good is `Error::Rejected`; a payload
+    /// the table refuses is stored once more in base64 before that.
     pub async fn send(&self, r: &DeadLetter) -> Result<()> {
-        let extended = self.prepare().await?;
-        let now = crate::event::iso_now();
+        match self.send_once(r).await {
+            Err(Error::Rejected { .. }) if !r.payload.starts_with("base64:") => {
+                let encoded = format!("base64:{}", base64::engine::general_purpose::STANDARD.encode(&r.payload));
+                let again = DeadLetter { payload: encoded, ..r.clone() };
+                self.send_once(&again).await
+            }
+            other => other,
+        }
+    }
+
+    async fn send_once(&self, r: &DeadLetter) -> Result<()> {
+        let shape = self.prepare().await?;
         let mut tx = self.pool.begin().await.map_err(Self::err)?;
+        match &shape {
+            Shape::Outbox(o) => self.mark_dead(&mut tx, o, r).await?,
+            Shape::DeadLetter { extended } => self.upsert(&mut tx, *extended, r).await?,
+        }
+        if let Some(et) = &self.event_table {
+            sqlx::query(&self.source_delete_sql(et)).bind(&r.id).execute(&mut *tx).await.map_err(Self::classify)?;
+        }
+        tx.commit().await.map_err(Self::classify)
+    }
+
+    /// The dead-letter table is keyed by id. A row of the same id from another stream is a
+    /// different event: this one is stored as `<id>@<stream>` instead of overwriting it.
+    async fn upsert(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, extended: bool, r: &DeadLetter) -> Result<()> {
+        let now = crate::event::iso_now();
+        let mut key = r.id.clone();
+        if extended {
+            let lock = if self.dialect == Dialect::Sqlite { "" } else { " FOR UPDATE" };
+            let sql = format!("SELECT stream FROM {} WHERE id = {}{lock}", self.table, self.param(1));
+            let existing = sqlx::query(&sql).bind(&key).fetch_optional(&mut **tx).await.map_err(Self::classify)?;
+            if let Some(row) = existing {
+                let other = text(&row, "stream")?;
+                if other.as_deref().is_some_and(|s| s != r.stream) {
+                    key = format!("{}@{}", r.id, r.stream);
+                }
+            }
+        }
         let sql = upsert_sql(self.dialect, &self.table, extended);
-        let mut q = sqlx::query(&sql).bind(&r.id).bind(&r.event_type).bind(&r.reason).bind(&r.payload);
+        let mut q = sqlx::query(&sql).bind(&key).bind(&r.event_type).bind(&r.reason).bind(&r.payload);
         if extended {
             q = q.bind(&r.stream).bind(r.meta.clone()).bind(r.attempts as i32).bind(now.clone()).bind(now);
         }
-        q.execute(&mut *tx).await.map_err(Self::err)?;
-        if let Some(et) = &self.event_table {
-            sqlx::query(&self.source_delete_sql(et)).bind(&r.id).execute(&mut *tx).await.map_err(Self::err)?;
-        }
-        tx.commit().await.map_err(Self::err)
+        q.execute(&mut **tx).await.map_err(Self::classify)?;
+        Ok(())
     }
 
-    /// Rows of the dead-letter table (without payloads), oldest id first.
-    pub async fn list(&self) -> Result<Vec<DlqRow>> {
-        let extended = self.prepare().await?;
-        let cols = if extended { "id, type, reason, stream, attempts, last_failed_at" } else { "id, type, reason" };
-        let rows = sqlx::query(&format!("SELECT {cols} FROM {}", self.table))
-            .fetch_all(&self.pool)
+    fn id_value(&self, o: &Outbox, id: &str) -> Option<IdValue> {
+        if o.numeric_id {
+            id.trim().parse::<i64>().ok().map(IdValue::Int)
+        } else {
+            Some(IdValue::Text(id.to_string()))
+        }
+    }
+
+    /// The original's outbox dead letter: `UPDATE ... SET dlq = 1`, or insert the row.
+    async fn mark_dead(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, o: &Outbox, r: &DeadLetter) -> Result<()> {
+        let Some(id) = self.id_value(o, &r.id) else {
+            return Err(Error::Rejected {
+                sink: "sql",
+                msg: format!("id {:?} is not a number and {}.id is an integer column", r.id, self.table),
+            });
+        };
+        let t = &self.table;
+        let set_reason = if o.reason { format!(", reason = {}", self.param(1)) } else { String::new() };
+        let id_param = self.param(if o.reason { 2 } else { 1 });
+        let sql = format!("UPDATE {t} SET dlq = {}{set_reason} WHERE id = {id_param}", o.flag_true);
+        let mut q = sqlx::query(&sql);
+        if o.reason {
+            q = q.bind(&r.reason);
+        }
+        let updated = bind_id(q, &id).execute(&mut **tx).await.map_err(Self::classify)?;
+        if updated.rows_affected() > 0 {
+            return Ok(());
+        }
+        // MySQL counts changed rows only: a row already marked is "not updated".
+        let exists = bind_id(sqlx::query(&format!("SELECT 1 AS one FROM {t} WHERE id = {}", self.param(1))), &id)
+            .fetch_optional(&mut **tx)
             .await
-            .map_err(Self::err)?;
-        let mut out: Vec<DlqRow> = rows.iter().map(|r| to_row(r, extended)).collect::<Result<_>>()?;
+            .map_err(Self::classify)?;
+        if exists.is_some() {
+            return Ok(());
+        }
+        let mut cols = vec!["id", "type", "payload"];
+        if o.stream {
+            cols.push("stream");
+        }
+        if o.reason {
+            cols.push("reason");
+        }
+        let params: Vec<String> = (1..=cols.len()).map(|i| self.param(i)).collect();
+        let sql =
+            format!("INSERT INTO {t} ({}, dlq) VALUES ({}, {})", cols.join(", "), params.join(", "), o.flag_true);
+        let mut q = bind_id(sqlx::query(&sql), &id).bind(&r.event_type).bind(&r.payload);
+        if o.stream {
+            q = q.bind(&r.stream);
+        }
+        if o.reason {
+            q = q.bind(&r.reason);
+        }
+        q.execute(&mut **tx).await.map_err(Self::classify)?;
+        Ok(())
+    }
+
+    /// Delete the rows of delivered events from an outbox table. Ids that cannot have a
+    /// row (not a number for an integer id column) are skipped.
+    pub async fn delete_delivered(&self, ids: &[String]) -> Result<u64> {
+        let Shape::Outbox(o) = self.prepare().await? else { return Ok(0) };
+        let values: Vec<IdValue> = ids.iter().filter_map(|id| self.id_value(&o, id)).collect();
+        if values.is_empty() {
+            return Ok(0);
+        }
+        let params: Vec<String> = (1..=values.len()).map(|i| self.param(i)).collect();
+        let sql = format!("DELETE FROM {} WHERE id IN ({})", self.table, params.join(", "));
+        let mut q = sqlx::query(&sql);
+        for v in &values {
+            q = bind_id(q, v);
+        }
+        Ok(q.execute(&self.pool).await.map_err(Self::err)?.rows_affected())
+    }
+
+    /// Condition for outbox rows created more than `older_than` ago, by the database's
+    /// clock (the one that filled `created_at`), and its bound value.
+    fn older_than_sql(&self, older_than: Duration) -> (String, OlderThan) {
+        let secs = older_than.as_secs();
+        match self.dialect {
+            Dialect::Postgres => {
+                ("created_at < CURRENT_TIMESTAMP - make_interval(secs => $1)".into(), OlderThan::Float(secs as f64))
+            }
+            Dialect::MySql => ("created_at < CURRENT_TIMESTAMP - INTERVAL ? SECOND".into(), OlderThan::Int(secs as i64)),
+            Dialect::Sqlite => ("created_at < datetime('now', ?)".into(), OlderThan::Text(format!("-{secs} seconds"))),
+        }
+    }
+
+    /// Rows of an outbox table that were neither delivered (deleted) nor dead-lettered
+    /// `older_than` after they were created: events that never reached the stream, or are stuck.
+    pub async fn undelivered(&self, older_than: Duration, limit: Option<usize>) -> Result<Vec<DlqRow>> {
+        let o = self.outbox_with_created_at().await?;
+        let (cond, v) = self.older_than_sql(older_than);
+        let stream = if o.stream { ", stream" } else { "" };
+        let mut sql = format!(
+            "SELECT {} AS id, type{stream}, {} AS created_at FROM {} WHERE dlq = {} AND {cond} ORDER BY created_at",
+            self.as_text("id"),
+            self.as_text("created_at"),
+            self.table,
+            o.flag_false
+        );
+        if let Some(n) = limit {
+            sql.push_str(&format!(" LIMIT {n}"));
+        }
+        let rows = v.bind(sqlx::query(&sql)).fetch_all(&self.pool).await.map_err(Self::err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(DlqRow {
+                    id: text(r, "id")?.unwrap_or_default(),
+                    event_type: text(r, "type")?.unwrap_or_default(),
+                    reason: "undelivered".into(),
+                    stream: if o.stream { text(r, "stream")? } else { None },
+                    attempts: None,
+                    last_failed_at: text(r, "created_at")?,
+                    store: "sql",
+                    entry: None,
+                })
+            })
+            .collect()
+    }
+
+    /// How many rows [`undelivered`](Self::undelivered) would list.
+    pub async fn count_undelivered(&self, older_than: Duration) -> Result<i64> {
+        let o = self.outbox_with_created_at().await?;
+        let (cond, v) = self.older_than_sql(older_than);
+        let sql = format!("SELECT COUNT(*) AS n FROM {} WHERE dlq = {} AND {cond}", self.table, o.flag_false);
+        let row = v.bind(sqlx::query(&sql)).fetch_one(&self.pool).await.map_err(Self::err)?;
+        Ok(int(&row, "n")?.unwrap_or(0))
+    }
+
+    async fn outbox_with_created_at(&self) -> Result<Outbox> {
+        match self.prepare().await? {
+            Shape::Outbox(o) if o.created_at => Ok(o),
+            Shape::Outbox(_) => Err(Error::Invalid(format!("{} has no created_at column", self.table))),
+            Shape::DeadLetter { .. } => Err(Error::Invalid(format!(
+                "{} is a dead-letter table, not an application's event table (no dlq column)",
+                self.table
+            ))),
+        }
+    }
+
+    /// Stored dead letters (without payloads), oldest id first.
+    pub async fn list(&self) -> Result<Vec<DlqRow>> {
+        let shape = self.prepare().await?;
+        let sql = match &shape {
+            Shape::DeadLetter { extended: true } => {
+                format!("SELECT id, type, reason, stream, attempts, last_failed_at FROM {}", self.table)
+            }
+            Shape::DeadLetter { extended: false } => format!("SELECT id, type, reason FROM {}", self.table),
+            Shape::Outbox(o) => format!(
+                "SELECT {} AS id, type{}{}{} FROM {} WHERE dlq = {}",
+                self.as_text("id"),
+                if o.reason { ", reason" } else { "" },
+                if o.stream { ", stream" } else { "" },
+                if o.created_at { format!(", {} AS last_failed_at", self.as_text("created_at")) } else { String::new() },
+                self.table,
+                o.flag_true
+            ),
+        };
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await.map_err(Self::err)?;
+        let mut out: Vec<DlqRow> = rows.iter().map(|r| to_row(r, &shape)).collect::<Result<_>>()?;
         out.sort_by(|a, b| id_order(&a.id, &b.id));
         Ok(out)
     }
 
-    /// Take one row out of the table and hand it to `put`; the row is deleted only if
-    /// `put` succeeds. None when another replay took the row first.
+    /// Take one dead letter out of the table and hand it to `put`; the change (row deleted,
+    /// or an outbox row's `dlq` cleared) is committed only if `put` succeeds. None when
+    /// another replay took the row first.
     pub async fn take<F, Fut>(&self, id: &str, put: F) -> Result<Option<FullRow>>
     where
         F: FnOnce(FullRow) -> Fut,
         Fut: std::future::Future<Output = Result<FullRow>>,
     {
-        let extended = self.prepare().await?;
-        let cols = if extended {
-            "id, type, reason, stream, attempts, last_failed_at, payload, meta"
-        } else {
-            "id, type, reason, payload"
-        };
-        let mut tx = self.pool.begin().await.map_err(Self::err)?;
+        let shape = self.prepare().await?;
+        let t = &self.table;
         let lock = if self.dialect == Dialect::Sqlite { "" } else { " FOR UPDATE" };
-        let row = sqlx::query(&format!("SELECT {cols} FROM {} WHERE id = {}{lock}", self.table, self.param(1)))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(Self::err)?;
+        let mut tx = self.pool.begin().await.map_err(Self::err)?;
+        let (select, change) = match &shape {
+            Shape::DeadLetter { extended } => {
+                let cols = if *extended {
+                    "id, type, reason, stream, attempts, last_failed_at, payload, meta"
+                } else {
+                    "id, type, reason, payload"
+                };
+                let p = self.param(1);
+                (format!("SELECT {cols} FROM {t} WHERE id = {p}{lock}"), format!("DELETE FROM {t} WHERE id = {p}"))
+            }
+            Shape::Outbox(o) => {
+                let p = self.param(1);
+                (
+                    format!(
+                        "SELECT {} AS id, type{}{}, payload FROM {t} WHERE id = {p} AND dlq = {}{lock}",
+                        self.as_text("id"),
+                        if o.reason { ", reason" } else { "" },
+                        if o.stream { ", stream" } else { "" },
+                        o.flag_true
+                    ),
+                    format!("UPDATE {t} SET dlq = {} WHERE id = {p} AND dlq = {}", o.flag_false, o.flag_true),
+                )
+            }
+        };
+        let id_value = match &shape {
+            Shape::Outbox(o) => match self.id_value(o, id) {
+                Some(v) => v,
+                None => return Ok(None),
+            },
+            _ => IdValue::Text(id.to_string()),
+        };
+        let row =
+            bind_id(sqlx::query(&select), &id_value).fetch_optional(&mut *tx).await.map_err(Self::err)?;
         let Some(row) = row else { return Ok(None) };
+        let extended = matches!(shape, Shape::DeadLetter { extended: true });
         let full = FullRow {
-            row: to_row(&row, extended)?,
+            row: to_row(&row, &shape)?,
             payload: text(&row, "payload")?.unwrap_or_default(),
             meta: if extended { text(&row, "meta")? } else { None },
         };
-        let deleted = sqlx::query(&format!("DELETE FROM {} WHERE id = {}", self.table, self.param(1)))
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(Self::err)?;
-        if deleted.rows_affected() != 1 {
+        let changed = bind_id(sqlx::query(&change), &id_value).execute(&mut *tx).await.map_err(Self::err)?;
+        if changed.rows_affected() != 1 {
             return Ok(None);
         }
         let full = put(full).await?;
         tx.commit().await.map_err(Self::err)?;
         Ok(Some(full))
+    }
+}
+
+/// A bound value of an age condition.
+enum OlderThan {
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl OlderThan {
+    fn bind<'q>(self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        match self {
+            OlderThan::Int(v) => q.bind(v),
+            OlderThan::Float(v) => q.bind(v),
+            OlderThan::Text(v) => q.bind(v),
+        }
+    }
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+fn bind_id<'q>(q: AnyQuery<'q>, id: &IdValue) -> AnyQuery<'q> {
+    match id {
+        IdValue::Int(v) => q.bind(*v),
+        IdValue::Text(v) => q.bind(v.clone()),
     }
 }
 
@@ -282,14 +705,28 @@ fn int(r: &AnyRow, col: &str) -> Result<Option<i64>> {
         .map_err(SqlSink::err)
 }
 
-fn to_row(r: &AnyRow, extended: bool) -> Result<DlqRow> {
+fn to_row(r: &AnyRow, shape: &Shape) -> Result<DlqRow> {
+    let (extended, outbox) = match shape {
+        Shape::DeadLetter { extended } => (*extended, None),
+        Shape::Outbox(o) => (false, Some(o)),
+    };
+    let reason = match outbox {
+        Some(o) if !o.reason => "dead_letter".to_string(),
+        _ => text(r, "reason")?.unwrap_or_default(),
+    };
     Ok(DlqRow {
         id: text(r, "id")?.unwrap_or_default(),
         event_type: text(r, "type")?.unwrap_or_default(),
-        reason: text(r, "reason")?.unwrap_or_default(),
-        stream: if extended { text(r, "stream")? } else { None },
+        reason,
+        stream: if extended || outbox.is_some_and(|o| o.stream) { text(r, "stream")? } else { None },
         attempts: if extended { int(r, "attempts")? } else { None },
-        last_failed_at: if extended { text(r, "last_failed_at")? } else { None },
+        last_failed_at: if extended || outbox.is_some_and(|o| o.created_at) {
+            text(r, "last_failed_at").ok().flatten()
+        } else {
+            None
+        },
+        store: "sql",
+        entry: None,
     })
 }
 
