@@ -21,7 +21,7 @@ use crate::retry::backoff;
 
 /// Rows deleted per statement.
 const BATCH: usize = 500;
-/// How often the audit counts undelivered rows.
+/// How often the audit counts undelivered rows, at most.
 const AUDIT_EVERY: Duration = Duration::from_secs(30);
 /// How often the set is looked at without a wake-up (another worker's records).
 const IDLE_POLL: Duration = Duration::from_secs(2);
@@ -88,7 +88,8 @@ pub async fn run(w: Arc<Worker>, stop: tokio_util::sync::CancellationToken) {
                     return;
                 }
                 if gauge.get() == 0 && tokio::time::Instant::now() >= next_audit {
-                    next_audit = tokio::time::Instant::now() + AUDIT_EVERY;
+                    let every = w.cfg.outbox_audit_after.clamp(Duration::from_secs(1), AUDIT_EVERY);
+                    next_audit = tokio::time::Instant::now() + every;
                     audit(&w).await;
                 }
                 IDLE_POLL

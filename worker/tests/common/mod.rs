@@ -198,7 +198,8 @@ struct SinkState {
 pub struct Sink {
     pub port: u16,
     state: SinkState,
-    _task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Sink {
@@ -218,11 +219,31 @@ impl Sink {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let app = axum::Router::new().fallback(handle).with_state(state.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self { port, state, _task: task }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = Self::serve(listener, state.clone(), stop.clone());
+        Self { port, state, task, stop }
+    }
+
+    fn serve(
+        listener: tokio::net::TcpListener,
+        state: SinkState,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let app = axum::Router::new().fallback(handle).with_state(state);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        })
+    }
+
+    /// Restart like an application does: answer what is in progress, close every
+    /// connection, refuse connections for `down`, then listen on the same port again.
+    pub async fn restart(&mut self, down: Duration) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+        tokio::time::sleep(down).await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        self.stop = tokio_util::sync::CancellationToken::new();
+        self.task = Self::serve(listener, self.state.clone(), self.stop.clone());
     }
 
     pub fn url(&self, path: &str) -> String {
