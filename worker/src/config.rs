@@ -124,7 +124,11 @@ pub struct Args {
     pub target_allowlist: String,
     /// Addresses never delivered to (IPs or CIDRs, comma-separated), checked after name
     /// resolution. Default: link-local and the cloud metadata addresses.
-    #[arg(long, env = "TARGET_DENYLIST", default_value = "169.254.0.0/16,fe80::/10,100.100.100.200/32,fd00:ec2::254/128")]
+    #[arg(
+        long,
+        env = "TARGET_DENYLIST",
+        default_value = "169.254.0.0/16,fe80::/10,100.100.100.200/32,fd00:ec2::254/128"
+    )]
     pub target_denylist: String,
     /// Consumers of the group idle longer than this (seconds) with nothing pending are
     /// removed by the live workers; 0 never.

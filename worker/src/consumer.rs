@@ -213,8 +213,12 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
     if !w.shutdown.hard.is_cancelled() {
         let mut con = w.redis.clone();
         match w.scripts.remove_consumer(&mut con, &key, &w.cfg.group, &consumer).await {
-            Ok(true) => tracing::info!(stream = %key, consumer = %consumer, "nothing pending: consumer removed from the group"),
-            Ok(false) => tracing::info!(stream = %key, consumer = %consumer, "entries still pending: consumer kept for the next owner"),
+            Ok(true) => {
+                tracing::info!(stream = %key, consumer = %consumer, "nothing pending: consumer removed from the group")
+            }
+            Ok(false) => {
+                tracing::info!(stream = %key, consumer = %consumer, "entries still pending: consumer kept for the next owner")
+            }
             Err(e) => tracing::debug!(error = %e, "could not remove the consumer"),
         }
     }

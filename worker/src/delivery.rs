@@ -11,9 +11,9 @@ use reqwest::StatusCode;
 use sha2::Sha256;
 
 use crate::config::Config;
-use crate::policy::TargetPolicy;
 use crate::event::Event;
 use crate::limiter::Signal;
+use crate::policy::TargetPolicy;
 use crate::retry::parse_retry_after;
 
 /// What to do with an event after one delivery attempt.

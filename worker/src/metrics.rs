@@ -1,8 +1,8 @@
 //! Every metric the worker exports, registered into one registry.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Event types kept as label values; later new types are counted as `other`.
@@ -135,8 +135,11 @@ impl Metrics {
             ),
             consumers_removed: reg(
                 &r,
-                IntCounter::new("consumers_removed_total", "Idle consumers with nothing pending removed from the group")
-                    .expect("valid metric"),
+                IntCounter::new(
+                    "consumers_removed_total",
+                    "Idle consumers with nothing pending removed from the group",
+                )
+                .expect("valid metric"),
             ),
             in_flight: gauge("events_in_flight", "Events read and not yet finished", &["stream"]),
             stream_length: gauge("stream_length", "XLEN of the stream", &["stream"]),

@@ -10,15 +10,17 @@ use crate::event::now_unix;
 use crate::streams;
 
 pub const INTERVAL: Duration = Duration::from_secs(5);
-/// How often the group's idle consumers are looked for.
+/// How often the group's idle consumers are looked for, at most.
 const CONSUMER_SWEEP: Duration = Duration::from_secs(300);
 
 pub async fn run(w: Arc<Worker>) {
-    let mut next_sweep = tokio::time::Instant::now() + Duration::from_secs(30);
+    let idle = w.cfg.consumer_idle_timeout.unwrap_or(CONSUMER_SWEEP);
+    let every = idle.clamp(Duration::from_secs(5), CONSUMER_SWEEP);
+    let mut next_sweep = tokio::time::Instant::now() + idle.clamp(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         refresh(&w).await;
         if tokio::time::Instant::now() >= next_sweep {
-            next_sweep = tokio::time::Instant::now() + CONSUMER_SWEEP;
+            next_sweep = tokio::time::Instant::now() + every;
             if let Some(idle) = w.cfg.consumer_idle_timeout {
                 remove_idle_consumers(&w, idle).await;
             }

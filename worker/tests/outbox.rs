@@ -14,7 +14,8 @@ use serde_json::json;
 const T: Duration = Duration::from_secs(90);
 
 /// The table as the original's users have it.
-const TABLE: &str = "CREATE TABLE events (id int PRIMARY KEY, type VARCHAR(255) NOT NULL, stream VARCHAR(255) NOT NULL, \
+const TABLE: &str =
+    "CREATE TABLE events (id int PRIMARY KEY, type VARCHAR(255) NOT NULL, stream VARCHAR(255) NOT NULL, \
      dlq BOOLEAN NOT NULL DEFAULT FALSE, created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, payload TEXT)";
 
 /// What a producer does: a row, then the event.
@@ -25,7 +26,9 @@ async fn publish(db: &Database, redis: &RedisServer, ids: std::ops::RangeInclusi
         db.exec(&format!("INSERT INTO events (id, type, stream, payload) VALUES {}", chunk.join(", "))).await;
     }
     let evs: Vec<_> = ids
-        .map(|i| (json!({"id": i, "type": "order.created", "createdAt": iso_now()}), format!("{{\"n\":{i}}}").into_bytes()))
+        .map(|i| {
+            (json!({"id": i, "type": "order.created", "createdAt": iso_now()}), format!("{{\"n\":{i}}}").into_bytes())
+        })
         .collect();
     produce(&mut redis.con().await, "events:default", &evs).await;
 }
@@ -190,7 +193,9 @@ async fn undelivered_rows_are_audited_and_replays_stay_in_configured_streams() {
     let redis = RedisServer::start();
     let sink = Sink::start().await;
     let first = first_attempts();
-    sink.respond(move |r, _| if r.header("x-event-id") == Some("2") && first(r) { Reply::status(410) } else { Reply::ok() });
+    sink.respond(
+        move |r, _| if r.header("x-event-id") == Some("2") && first(r) { Reply::status(410) } else { Reply::ok() },
+    );
     let w = Worker::start(
         &redis,
         &sink.url("/e"),

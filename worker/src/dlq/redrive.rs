@@ -382,7 +382,8 @@ mod tests {
 
     #[test]
     fn replays_go_only_to_configured_streams() {
-        let t = Targets { streams: vec!["events:fast".into(), "events:default".into()], default: "events:default".into() };
+        let t =
+            Targets { streams: vec!["events:fast".into(), "events:default".into()], default: "events:default".into() };
         assert_eq!(t.pick(None, Some("events:fast")).unwrap(), "events:fast");
         assert_eq!(t.pick(None, Some("events:gone")).unwrap(), "events:default", "an unconsumed origin");
         assert_eq!(t.pick(None, None).unwrap(), "events:default");

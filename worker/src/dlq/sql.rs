@@ -260,7 +260,12 @@ impl SqlSink {
         let mut cols = self.columns().await?;
         let outbox = match self.mode {
             DbMode::Outbox => match &cols {
-                None => return Err(bad(format!("{}: no such table (DLQ_DB_MODE=outbox uses the application's event table as it is)", self.table))),
+                None => {
+                    return Err(bad(format!(
+                        "{}: no such table (DLQ_DB_MODE=outbox uses the application's event table as it is)",
+                        self.table
+                    )))
+                }
                 Some(c) if !c.contains_key("dlq") => {
                     return Err(bad(format!("{}: no dlq column, needed by DLQ_DB_MODE=outbox", self.table)))
                 }
@@ -322,9 +327,12 @@ impl SqlSink {
             Shape::DeadLetter { extended }
         };
         if let Some(et) = &self.event_table {
-            sqlx::query(&format!("SELECT event_id FROM {et} WHERE 1 = 0")).fetch_all(&self.pool).await.map_err(|e| {
-                Error::Config { var: "EVENT_DB_TABLE", msg: format!("{et}: no table with an event_id column: {e}") }
-            })?;
+            sqlx::query(&format!("SELECT event_id FROM {et} WHERE 1 = 0")).fetch_all(&self.pool).await.map_err(
+                |e| Error::Config {
+                    var: "EVENT_DB_TABLE",
+                    msg: format!("{et}: no table with an event_id column: {e}"),
+                },
+            )?;
         }
         Ok(shape)
     }
@@ -445,8 +453,7 @@ impl SqlSink {
             cols.push("reason");
         }
         let params: Vec<String> = (1..=cols.len()).map(|i| self.param(i)).collect();
-        let sql =
-            format!("INSERT INTO {t} ({}, dlq) VALUES ({}, {})", cols.join(", "), params.join(", "), o.flag_true);
+        let sql = format!("INSERT INTO {t} ({}, dlq) VALUES ({}, {})", cols.join(", "), params.join(", "), o.flag_true);
         let mut q = bind_id(sqlx::query(&sql), &id).bind(&r.event_type).bind(&r.payload);
         if o.stream {
             q = q.bind(&r.stream);
@@ -483,7 +490,9 @@ impl SqlSink {
             Dialect::Postgres => {
                 ("created_at < CURRENT_TIMESTAMP - make_interval(secs => $1)".into(), OlderThan::Float(secs as f64))
             }
-            Dialect::MySql => ("created_at < CURRENT_TIMESTAMP - INTERVAL ? SECOND".into(), OlderThan::Int(secs as i64)),
+            Dialect::MySql => {
+                ("created_at < CURRENT_TIMESTAMP - INTERVAL ? SECOND".into(), OlderThan::Int(secs as i64))
+            }
             Dialect::Sqlite => ("created_at < datetime('now', ?)".into(), OlderThan::Text(format!("-{secs} seconds"))),
         }
     }
@@ -554,7 +563,11 @@ impl SqlSink {
                 self.as_text("id"),
                 if o.reason { ", reason" } else { "" },
                 if o.stream { ", stream" } else { "" },
-                if o.created_at { format!(", {} AS last_failed_at", self.as_text("created_at")) } else { String::new() },
+                if o.created_at {
+                    format!(", {} AS last_failed_at", self.as_text("created_at"))
+                } else {
+                    String::new()
+                },
                 self.table,
                 o.flag_true
             ),
@@ -608,8 +621,7 @@ impl SqlSink {
             },
             _ => IdValue::Text(id.to_string()),
         };
-        let row =
-            bind_id(sqlx::query(&select), &id_value).fetch_optional(&mut *tx).await.map_err(Self::err)?;
+        let row = bind_id(sqlx::query(&select), &id_value).fetch_optional(&mut *tx).await.map_err(Self::err)?;
         let Some(row) = row else { return Ok(None) };
         let extended = matches!(shape, Shape::DeadLetter { extended: true });
         let full = FullRow {

@@ -1,0 +1,295 @@
+//! Bad input and hostile configurations: dead letters a sink refuses for good, id
+//! collisions, attempt counters of id-less events, where events may go and what secrets
+//! they carry, credentials in errors, and consumers that would pile up in the group.
+
+mod common;
+
+use std::time::Duration;
+
+use common::db::Database;
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+async fn xrange_len(redis: &RedisServer, key: &str) -> i64 {
+    xlen(&mut redis.con().await, key).await
+}
+
+/// A payload PostgreSQL's TEXT refuses (a NUL byte) is stored base64; an id longer than the
+/// column is refused for good and kept in `events:dlq` instead of being retried forever:
+/// nothing blocks, nothing is lost, and the same commands list and replay it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_the_table_refuses_go_to_the_redis_stream() {
+    let db = Database::postgres();
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|r, _| if r.header("x-event-type") == Some("bad") { Reply::status(404) } else { Reply::ok() });
+    let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("DLQ_DB_CONNECTION", &db.url())]);
+    w.wait_ready().await;
+    let long_id = "x".repeat(300);
+    let mut con = redis.con().await;
+    produce(
+        &mut con,
+        "events:fast",
+        &[
+            (json!({"id": "nul", "type": "bad"}), b"a\0b".to_vec()),
+            (json!({"id": long_id, "type": "bad"}), b"long".to_vec()),
+            (meta("after", "good"), b"ok".to_vec()),
+        ],
+    )
+    .await;
+    wait_until("all acknowledged", T, || async {
+        pending(&mut redis.con().await, "events:fast", "workers").await == 0
+    })
+    .await;
+    assert_eq!(db.column("SELECT payload FROM dlq WHERE id = 'nul'").await, ["base64:YQBi"]);
+    assert_eq!(xrange_len(&redis, "events:dlq").await, 1, "the refused letter is kept in Redis");
+    assert_eq!(w.metric("dlq_refused_total{sink=\"sql\"}").await, 1.0);
+    let (code, body) = w.get("/readyz").await;
+    assert_eq!(code, 200, "a refused letter does not make the worker unready: {body}");
+    assert!(sink.delivered_ids("/e").contains("after"), "later events were not blocked");
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(worker_bin())
+            .env_clear()
+            .env("REDIS_URL", redis.url())
+            .env("DLQ_DB_CONNECTION", db.url())
+            .env("STREAMS", "fast")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&["dlq", "list", "--json"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    let kept = rows.iter().find(|r| r["store"] == "redis").expect("the Redis letter is listed");
+    assert_eq!(kept["id"].as_str(), Some(long_id.as_str()));
+    sink.respond(|_, _| Reply::ok());
+    let (ok, out, err) = cli(&["dlq", "replay", "--ids", &long_id]);
+    assert!(ok, "{err}");
+    assert!(out.contains("-> events:fast"), "{out}");
+    wait_until("replayed from events:dlq", T, || async { sink.delivered_ids("/e").contains(&long_id) }).await;
+    assert_eq!(xrange_len(&redis, "events:dlq").await, 0);
+    let replayed = sink.posts("/e").into_iter().rfind(|r| r.header("x-event-id") == Some(long_id.as_str())).unwrap();
+    assert_eq!(&replayed.body[..], b"long");
+}
+
+/// An HTTP dead-letter endpoint that answers 422 will never take the letter: it is kept in
+/// `events:dlq` and the event is acknowledged, not retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_sink_refusing_a_letter_does_not_hold_it_forever() {
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|r, _| if r.path == "/dlq" { Reply::status(422) } else { Reply::status(404) });
+    let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast"), ("DLQ_URI", &sink.url("/dlq"))]);
+    w.wait_ready().await;
+    produce(&mut redis.con().await, "events:fast", &[(meta(1, "t"), b"x".to_vec())]).await;
+    wait_until("kept in events:dlq", T, || async { xrange_len(&redis, "events:dlq").await == 1 }).await;
+    wait_until("acknowledged", T, || async { pending(&mut redis.con().await, "events:fast", "workers").await == 0 })
+        .await;
+    assert_eq!(sink.count(http::Method::POST, "/dlq"), 1, "a 422 is not retried");
+    assert_eq!(w.get("/readyz").await.0, 200);
+}
+
+/// The same `meta.id` in two streams is two events: two dead letters, neither overwrites
+/// the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_sharing_an_id_do_not_overwrite_each_other() {
+    let db = Database::sqlite();
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|_, _| Reply::status(404));
+    let url = db.sqlalchemy_url();
+    let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast,slow"), ("DLQ_DB_CONNECTION", &url)]);
+    w.wait_ready().await;
+    let mut con = redis.con().await;
+    produce(&mut con, "events:fast", &[(meta("dup", "t"), b"from fast".to_vec())]).await;
+    wait_until("first stored", T, || async { db.column("SELECT id FROM dlq").await.len() == 1 }).await;
+    produce(&mut con, "events:slow", &[(meta("dup", "t"), b"from slow".to_vec())]).await;
+    wait_until("second stored beside it", T, || async { db.column("SELECT id FROM dlq").await.len() == 2 }).await;
+    let mut payloads = db.column("SELECT payload FROM dlq").await;
+    payloads.sort();
+    assert_eq!(payloads, ["from fast", "from slow"]);
+    assert_eq!(db.column("SELECT id FROM dlq WHERE stream = 'events:slow'").await, ["dup@events:slow"]);
+    // The same event dead-lettered again still updates its own row.
+    produce(&mut con, "events:fast", &[(meta("dup", "t"), b"fast again".to_vec())]).await;
+    wait_until("updated in place", T, || async {
+        db.column("SELECT payload FROM dlq WHERE id = 'dup'").await == ["fast again"]
+    })
+    .await;
+    assert_eq!(db.column("SELECT id FROM dlq").await.len(), 2);
+}
+
+/// An event without `meta.id` is counted under its entry id, which every retry changes:
+/// no counter of an old entry is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_id_less_events_leave_no_counters() {
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|_, seen| if seen < 2 { Reply::status(429).header("retry-after", "0") } else { Reply::ok() });
+    let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast")]);
+    w.wait_ready().await;
+    produce(&mut redis.con().await, "events:fast", &[(json!({"type": "t"}), b"x".to_vec())]).await;
+    wait_until("delivered on the third attempt", T, || async { sink.answered(200) == 1 }).await;
+    assert_eq!(sink.posts("/e").last().unwrap().header("x-event-attempt"), Some("3"));
+    wait_until("acknowledged", T, || async { pending(&mut redis.con().await, "events:fast", "workers").await == 0 })
+        .await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("err_count:*").query_async(&mut redis.con().await).await.unwrap();
+    assert!(keys.is_empty(), "counters left behind: {keys:?}");
+}
+
+/// `meta.url` may not reach the cloud metadata address, nor hosts outside an allowlist;
+/// TARGET_HEADERS and signatures go only to the default target's host (and allowlisted ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_are_bounded_and_secrets_stay_with_trusted_hosts() {
+    let redis = RedisServer::start();
+    let own = Sink::start().await;
+    let other = Sink::start().await;
+    let secrets = [
+        ("STREAMS", "fast"),
+        ("TARGET_HEADERS", r#"{"Authorization": "Bearer s3cret"}"#),
+        ("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+    ];
+    let w = Worker::start(&redis, &own.url("/e"), &secrets);
+    w.wait_ready().await;
+    let elsewhere = format!("http://localhost:{}/x", other.port);
+    produce(
+        &mut redis.con().await,
+        "events:fast",
+        &[
+            (meta(1, "t"), b"a".to_vec()),
+            (json!({"id": 2, "type": "t", "url": elsewhere}), b"b".to_vec()),
+            (json!({"id": 3, "type": "t", "url": "http://169.254.169.254/latest/meta-data/"}), b"c".to_vec()),
+        ],
+    )
+    .await;
+    wait_until("delivered", T, || async { own.answered(200) == 1 && other.answered(200) == 1 }).await;
+    wait_until("metadata address refused", T, || async { w.stdout().contains(r#""reason":"target_denied""#) }).await;
+    let mine = &own.posts("/e")[0];
+    assert_eq!(mine.header("authorization"), Some("Bearer s3cret"));
+    assert!(mine.header("webhook-signature").is_some());
+    let theirs = &other.posts("/x")[0];
+    assert_eq!(theirs.header("authorization"), None, "a producer-chosen host gets no secrets");
+    assert_eq!(theirs.header("webhook-signature"), None, "nor valid signatures");
+    drop(w);
+
+    // With an allowlist, other hosts are refused; allowlisted ones get the secrets.
+    let redis = RedisServer::start();
+    let mut env = secrets.to_vec();
+    env.push(("TARGET_ALLOWLIST", "127.0.0.1"));
+    let w = Worker::start(&redis, &format!("http://localhost:{}/e", own.port), &env);
+    w.wait_ready().await;
+    let allowed = other.url("/allowed");
+    produce(
+        &mut redis.con().await,
+        "events:fast",
+        &[
+            (json!({"id": 4, "type": "t", "url": allowed}), b"d".to_vec()),
+            (json!({"id": 5, "type": "t", "url": "http://example.invalid/x"}), b"e".to_vec()),
+        ],
+    )
+    .await;
+    wait_until("allowlisted host reached", T, || async { other.posts("/allowed").len() == 1 }).await;
+    assert_eq!(other.posts("/allowed")[0].header("authorization"), Some("Bearer s3cret"));
+    wait_until("other host refused", T, || async { w.stdout().contains(r#""reason":"target_not_allowed""#) }).await;
+}
+
+/// A password in REDIS_URL never shows in an error message.
+#[test]
+fn credentials_are_redacted_from_errors() {
+    let url = format!("redis://:hunter2@127.0.0.1:{}/0", free_port());
+    let out = std::process::Command::new(worker_bin())
+        .env_clear()
+        .env("REDIS_URL", &url)
+        .args(["dlq", "replay", "--ids", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("redis://***@127.0.0.1"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+/// Every pod name becomes a consumer. A worker that stops cleanly with nothing pending
+/// removes its own; consumers idle for long with nothing pending are removed by the live
+/// workers; a consumer with pending entries is never removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_do_not_pile_up() {
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    let mut con = redis.con().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("events:fast")
+        .arg("workers")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg("events:fast")
+        .arg("workers")
+        .arg("gone-pod")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    // A consumer that read an entry and died: its entry stays its own until claimed.
+    produce(&mut con, "events:fast", &[(meta(1, "t"), b"x".to_vec())]).await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("workers")
+        .arg("busy-pod")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg("events:fast")
+        .arg(">")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let consumers = |c: redis::aio::MultiplexedConnection| {
+        let mut c = c;
+        async move {
+            let v: Vec<redis::Value> = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg("events:fast")
+                .arg("workers")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            let mut names: Vec<String> = v
+                .into_iter()
+                .map(|c| {
+                    let m: std::collections::HashMap<String, redis::Value> = redis::from_redis_value(c).unwrap();
+                    redis::from_redis_value(m["name"].clone()).unwrap()
+                })
+                .collect();
+            names.sort();
+            names
+        }
+    };
+    // Unordered: a new holder of an ordered stream's lease takes over everything pending.
+    let mut w = Worker::start(
+        &redis,
+        &sink.url("/e"),
+        &[("STREAMS", "fast"), ("CONSUMER_IDLE_TIMEOUT", "1"), ("CLAIM_IDLE", "3600"), ("ORDERING", "none")],
+    );
+    w.wait_ready().await;
+    wait_until("the idle consumer without pending entries is removed", T, || async {
+        consumers(con.clone()).await == ["busy-pod", "worker-fast-test"]
+    })
+    .await;
+    assert!(w.metric("consumers_removed_total").await >= 1.0);
+    w.sigterm();
+    assert!(w.wait_exit(T).await.is_some_and(|s| s.success()));
+    assert_eq!(consumers(con.clone()).await, ["busy-pod"], "a clean stop removes its own consumer, not a busy one");
+}
