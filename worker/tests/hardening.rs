@@ -100,9 +100,7 @@ async fn an_http_sink_refusing_a_letter_does_not_hold_it_forever() {
 
 /// The same `meta.id` in two streams is two events: two dead letters, neither overwrites
 /// the other.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_sharing_an_id_do_not_overwrite_each_other() {
-    let db = Database::sqlite();
+async fn dead_letters_sharing_an_id_do_not_overwrite_each_other(db: Database) {
     let redis = RedisServer::start();
     let sink = Sink::start().await;
     sink.respond(|_, _| Reply::status(404));
@@ -125,6 +123,23 @@ async fn dead_letters_sharing_an_id_do_not_overwrite_each_other() {
     })
     .await;
     assert_eq!(db.column("SELECT id FROM dlq").await.len(), 2);
+    assert_eq!(db.column("SELECT dead_lettered FROM dlq WHERE id = 'dup'").await, ["2"]);
+    assert_eq!(db.column("SELECT dead_lettered FROM dlq WHERE id = 'dup@events:slow'").await, ["1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_ids_sqlite() {
+    dead_letters_sharing_an_id_do_not_overwrite_each_other(Database::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_ids_postgres() {
+    dead_letters_sharing_an_id_do_not_overwrite_each_other(Database::postgres()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_ids_mariadb() {
+    dead_letters_sharing_an_id_do_not_overwrite_each_other(Database::mariadb()).await;
 }
 
 /// An event without `meta.id` is counted under its entry id, which every retry changes:

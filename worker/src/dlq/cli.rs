@@ -65,7 +65,11 @@ pub async fn run(cfg: &Config, action: DlqAction) -> Result<()> {
                         eprintln!("warning: {e}; the Redis dead-letter stream events:dlq is not listed");
                         None
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        return Err(Error::Invalid(format!(
+                            "{e}; with DLQ_DB_CONNECTION unset only the Redis dead-letter stream events:dlq is listed"
+                        )))
+                    }
                 };
                 filter.apply(gather(sink.as_ref(), redis.as_ref()).await?.0)
             };

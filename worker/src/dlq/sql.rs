@@ -131,12 +131,10 @@ pub fn is_permanent(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(d) => {
             let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
+            // Not MySQL's catch-all HY000: it covers connection trouble too.
             code.starts_with("22")
                 || code.starts_with("23")
-                || code.starts_with("HY")
                 || matches!(d.kind(), sqlx::error::ErrorKind::NotNullViolation | sqlx::error::ErrorKind::CheckViolation)
-                // MySQL reports "data too long" and friends with these numbers.
-                || ["1406", "1264", "1366", "1048", "1452"].contains(&code.as_str())
         }
         sqlx::Error::Encode(_) | sqlx::Error::TypeNotFound { .. } => true,
         _ => false,
@@ -385,27 +383,32 @@ impl SqlSink {
     }
 
     /// The dead-letter table is keyed by id. A row of the same id from another stream is a
-    /// different event: this one is stored as `<id>@<stream>` instead of overwriting it.
+    /// different event: this one is stored as `<id>@<stream>` instead of overwriting it
+    /// (the upsert only updates a row of the same stream; a read-back tells which happened).
     async fn upsert(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, extended: bool, r: &DeadLetter) -> Result<()> {
-        let now = crate::event::iso_now();
         let mut key = r.id.clone();
-        if extended {
-            let lock = if self.dialect == Dialect::Sqlite { "" } else { " FOR UPDATE" };
-            let sql = format!("SELECT stream FROM {} WHERE id = {}{lock}", self.table, self.param(1));
-            let existing = sqlx::query(&sql).bind(&key).fetch_optional(&mut **tx).await.map_err(Self::classify)?;
-            if let Some(row) = existing {
-                let other = text(&row, "stream")?;
-                if other.as_deref().is_some_and(|s| s != r.stream) {
-                    key = format!("{}@{}", r.id, r.stream);
-                }
+        for _ in 0..2 {
+            let now = crate::event::iso_now();
+            let sql = upsert_sql(self.dialect, &self.table, extended);
+            let mut q = sqlx::query(&sql).bind(&key).bind(&r.event_type).bind(&r.reason).bind(&r.payload);
+            if extended {
+                q = q.bind(&r.stream).bind(r.meta.clone()).bind(r.attempts as i32).bind(now.clone()).bind(now);
             }
+            q.execute(&mut **tx).await.map_err(Self::classify)?;
+            if !extended {
+                break;
+            }
+            let sql = format!("SELECT stream FROM {} WHERE id = {}", self.table, self.param(1));
+            let row = sqlx::query(&sql).bind(&key).fetch_optional(&mut **tx).await.map_err(Self::classify)?;
+            let stored = match row {
+                Some(row) => text(&row, "stream")?,
+                None => None,
+            };
+            if stored.as_deref().is_none_or(|s| s == r.stream) {
+                break;
+            }
+            key = format!("{}@{}", r.id, r.stream);
         }
-        let sql = upsert_sql(self.dialect, &self.table, extended);
-        let mut q = sqlx::query(&sql).bind(&key).bind(&r.event_type).bind(&r.reason).bind(&r.payload);
-        if extended {
-            q = q.bind(&r.stream).bind(r.meta.clone()).bind(r.attempts as i32).bind(now.clone()).bind(now);
-        }
-        q.execute(&mut **tx).await.map_err(Self::classify)?;
         Ok(())
     }
 
@@ -678,21 +681,37 @@ fn upsert_sql(dialect: Dialect, t: &str, extended: bool) -> String {
     } else {
         &["id", "type", "reason", "payload"]
     };
-    let updated: Vec<&str> = cols.iter().copied().filter(|c| !matches!(*c, "id" | "first_failed_at")).collect();
+    // `stream` last: MySQL evaluates the assignments in order, and the guard reads it.
+    let mut updated: Vec<&str> =
+        cols.iter().copied().filter(|c| !matches!(*c, "id" | "first_failed_at" | "stream")).collect();
     let params: Vec<String> = (1..=cols.len()).map(|i| param(dialect, i)).collect();
     let insert = format!("INSERT INTO {t} ({}) VALUES ({})", cols.join(", "), params.join(", "));
     match dialect {
         Dialect::MySql => {
-            let mut set: Vec<String> = updated.iter().map(|c| format!("{c} = VALUES({c})")).collect();
-            if extended {
-                set.push("dead_lettered = dead_lettered + 1".into());
-            }
+            let set: Vec<String> = if extended {
+                updated.push("stream");
+                // Only a row of the same stream is this event's: another's stays as it is.
+                let same = "(stream IS NULL OR stream = VALUES(stream))";
+                let mut set: Vec<String> =
+                    vec![format!("dead_lettered = IF({same}, dead_lettered + 1, dead_lettered)")];
+                set.extend(updated.iter().map(|c| format!("{c} = IF({same}, VALUES({c}), {c})")));
+                set
+            } else {
+                updated.iter().map(|c| format!("{c} = VALUES({c})")).collect()
+            };
             format!("{insert} ON DUPLICATE KEY UPDATE {}", set.join(", "))
         }
         _ => {
+            if extended {
+                updated.push("stream");
+            }
             let mut set: Vec<String> = updated.iter().map(|c| format!("{c} = excluded.{c}")).collect();
             if extended {
                 set.push(format!("dead_lettered = {t}.dead_lettered + 1"));
+                return format!(
+                    "{insert} ON CONFLICT (id) DO UPDATE SET {} WHERE {t}.stream IS NULL OR {t}.stream = excluded.stream",
+                    set.join(", ")
+                );
             }
             format!("{insert} ON CONFLICT (id) DO UPDATE SET {}", set.join(", "))
         }
@@ -773,9 +792,20 @@ mod tests {
         assert_eq!(pg, "INSERT INTO dlq (id, type, reason, payload) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET type = excluded.type, reason = excluded.reason, payload = excluded.payload");
         let my = upsert_sql(Dialect::MySql, "dlq", true);
         assert!(my.starts_with("INSERT INTO dlq (id, type, reason, payload, stream, meta, attempts, first_failed_at, last_failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE"), "{my}");
-        assert!(my.contains("dead_lettered = dead_lettered + 1") && !my.contains("first_failed_at = "), "{my}");
+        assert!(
+            my.contains(
+                "dead_lettered = IF((stream IS NULL OR stream = VALUES(stream)), dead_lettered + 1, dead_lettered)"
+            ),
+            "{my}"
+        );
+        assert!(
+            my.ends_with("stream = IF((stream IS NULL OR stream = VALUES(stream)), VALUES(stream), stream)"),
+            "{my}"
+        );
+        assert!(!my.contains("first_failed_at = "), "{my}");
         let lite = upsert_sql(Dialect::Sqlite, "s.dlq", true);
         assert!(lite.contains("dead_lettered = s.dlq.dead_lettered + 1"), "{lite}");
+        assert!(lite.ends_with("WHERE s.dlq.stream IS NULL OR s.dlq.stream = excluded.stream"), "{lite}");
     }
 
     #[test]
