@@ -97,6 +97,34 @@ async fn publish(ctx: &Context, ew: &EventWorker, type_: EventType, reason: &str
     }
 }
 
+/// Create the generated admin token Secret when the spec names none and it does not exist
+/// yet; an existing one is left as it is (the token must not change under the pods).
+async fn ensure_admin_secret(ctx: &Context, ew: &EventWorker, ns: &str) -> Result<()> {
+    let Some(secret) = resources::admin_secret::generated(ew) else { return Ok(()) };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = resources::admin_secret::generated_name(ew);
+    if api.get_opt(&name).await?.is_some() {
+        return Ok(());
+    }
+    match api.create(&kube::api::PostParams::default(), &secret).await {
+        Ok(_) => {
+            publish(
+                ctx,
+                ew,
+                EventType::Normal,
+                "AdminTokenCreated",
+                format!("admin token generated into Secret {name}"),
+                "Create",
+            )
+            .await;
+            Ok(())
+        }
+        // Another replica (or a previous attempt) created it meanwhile.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Values of the Secret keys the spec references; missing ones are listed.
 async fn read_secrets(ctx: &Context, ew: &EventWorker, ns: &str) -> Result<(SecretData, Vec<String>)> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -136,6 +164,7 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
         patch_invalid_status(ctx, ew, &ns, &e.to_string()).await?;
         return Err(e);
     }
+    ensure_admin_secret(ctx, ew, &ns).await?;
     let (secrets, missing) = read_secrets(ctx, ew, &ns).await?;
     let pp = apply_params();
 

@@ -47,8 +47,8 @@ pub struct EventWorkerSpec {
     pub redis: RedisSpec,
     /// Streams to consume, highest priority first; each is read from the key `events:<name>`.
     #[serde(default = "default_streams")]
-    #[x_kube(validation = Rule::new("self.all(s, s.name.matches('^[A-Za-z0-9][A-Za-z0-9_.-]*$') && s.name != 'retry')")
-        .message("stream names are letters, digits, '.', '_' and '-', and 'retry' is reserved"))]
+    #[x_kube(validation = Rule::new("self.all(s, s.name.matches('^[A-Za-z0-9][A-Za-z0-9_.-]*$') && s.name != 'retry' && s.name != 'dlq')")
+        .message("stream names are letters, digits, '.', '_' and '-', and 'retry' and 'dlq' are reserved"))]
     #[x_kube(validation = Rule::new("size(self) > 0").message("at least one stream is required"))]
     #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y.name == x.name))").message("stream names must be unique"))]
     // Bounds keep the API server's CEL cost estimate within budget.
@@ -130,6 +130,20 @@ pub struct EventWorkerSpec {
     /// Scaling on stream lag; fixed `replicas` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+    /// The workers' admin API (dead-letter listing and replay).
+    #[serde(default)]
+    pub admin: AdminSpec,
+}
+
+/// The workers' admin API on the metrics port: `/dlq`, `/dlq/replay`, `/reprocess-dlq`.
+/// It always requires a token: the one in `tokenSecretRef`, or one the operator generates
+/// into the Secret `<name>-admin` (key `token`) when none is given.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminSpec {
+    /// Secret key holding the admin token; generated into `<name>-admin` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
 }
 
 /// One stream and how it is consumed.
@@ -216,6 +230,21 @@ pub struct TargetSpec {
     /// Secret key holding a Standard Webhooks signing secret; requests are signed when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_secret_ref: Option<SecretKeyRef>,
+    /// Hosts a per-event `meta.url` may target besides this URI's host: names,
+    /// `*.domain`, IP addresses or CIDRs; `*` (the default) allows any. Headers and
+    /// signatures are sent only to this URI's host and these (never to `*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.all(h, h.matches('^([*]|([*][.])?[A-Za-z0-9_-]+([.][A-Za-z0-9_-]+)*|[0-9A-Fa-f:.]+(/[0-9]{1,3})?)$'))")
+        .message("target.allowedHosts items are host names, *.domain, IP addresses, CIDRs or *"))]
+    #[schemars(length(max = 64), inner(length(max = 253)))]
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Addresses never delivered to, checked after name resolution (IPs or CIDRs).
+    /// Default: link-local (169.254.0.0/16, fe80::/10) and the cloud metadata addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.all(n, n.matches('^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$'))")
+        .message("target.deniedNetworks items are IP addresses or CIDRs"))]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
+    pub denied_networks: Option<Vec<String>>,
 }
 
 /// Per-host flow control: a concurrency limit per target host (adaptive by default, never
@@ -370,6 +399,19 @@ pub struct SqlDeadLetterSpec {
         .message("deadLetter.sql.eventTable must be a SQL identifier"))]
     #[schemars(length(max = 128))]
     pub event_table: Option<String>,
+    /// How the table is used: auto (default: the application's event table when it has a
+    /// `dlq` column, else a dead-letter table), deadletter, or outbox (the original's
+    /// event table: delivered rows deleted, dead letters marked `dlq = 1`; never altered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_mode: Option<SqlTableMode>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SqlTableMode {
+    Auto,
+    Deadletter,
+    Outbox,
 }
 
 /// Prometheus scraping of the worker pods.

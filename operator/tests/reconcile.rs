@@ -162,6 +162,14 @@ async fn create_applies_children_with_one_field_manager_and_reports_status() {
     assert_eq!(env["REDIS_URL"]["value"], "redis://127.0.0.1:1");
     assert_eq!(env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"], "redis");
     assert_eq!(d.body["metadata"]["ownerReferences"][0]["uid"], "ew-uid");
+    // The admin API always has a token: generated into an owned Secret when none is given.
+    assert_eq!(env["ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"], "orders-admin");
+    let created: Vec<&Req> =
+        log.iter().filter(|r| r.method == Method::POST && r.path == "/api/v1/namespaces/shop/secrets").collect();
+    assert_eq!(created.len(), 1, "the token Secret is created");
+    assert_eq!(created[0].body["metadata"]["name"], "orders-admin");
+    assert_eq!(created[0].body["metadata"]["ownerReferences"][0]["uid"], "ew-uid");
+    assert_eq!(created[0].body["stringData"]["token"].as_str().map(str::len), Some(64));
 
     let services = patches(&log, "/api/v1/namespaces/shop/services/orders");
     assert_eq!(services.len(), 1);

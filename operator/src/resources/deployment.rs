@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use super::{child_meta, labels, selector_labels, METRICS_PORT};
 use crate::crd::{
     DeadLetterMode, EventWorker, EventWorkerSpec, FlowControlSpec, HostConcurrency, Ordering, SecretKeyRef,
+    SqlTableMode,
 };
 
 /// Pod-template annotation: hash of the rendered configuration and the referenced Secrets'
@@ -52,6 +53,7 @@ pub fn secret_refs(spec: &EventWorkerSpec) -> Vec<&SecretKeyRef> {
     let mut refs = Vec::new();
     refs.extend(spec.redis.password_secret_ref.as_ref());
     refs.extend(spec.target.signing_secret_ref.as_ref());
+    refs.extend(spec.admin.token_secret_ref.as_ref());
     if spec.dead_letter.mode == DeadLetterMode::Sql {
         refs.extend(spec.dead_letter.sql.as_ref().map(|s| &s.connection_secret_ref));
     }
@@ -114,6 +116,12 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
     if let Some(r) = &spec.target.signing_secret_ref {
         env.push(secret("WEBHOOK_SECRET", r));
     }
+    if let Some(h) = &spec.target.allowed_hosts {
+        env.push(plain("TARGET_ALLOWLIST", h.join(",")));
+    }
+    if let Some(n) = &spec.target.denied_networks {
+        env.push(plain("TARGET_DENYLIST", n.join(",")));
+    }
     if let Some(n) = spec.retry.max_attempts {
         env.push(plain("MAX_ATTEMPTS", n));
     }
@@ -148,6 +156,14 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
                 }
                 if let Some(t) = &sql.event_table {
                     env.push(plain("EVENT_DB_TABLE", t));
+                }
+                if let Some(m) = sql.table_mode {
+                    let mode = match m {
+                        SqlTableMode::Auto => "auto",
+                        SqlTableMode::Deadletter => "deadletter",
+                        SqlTableMode::Outbox => "outbox",
+                    };
+                    env.push(plain("DLQ_DB_MODE", mode));
                 }
             }
         }
@@ -242,7 +258,9 @@ fn probe(path: &str, period: i32) -> Probe {
 
 pub fn deployment(ew: &EventWorker, secrets: &SecretData) -> Deployment {
     let spec = &ew.spec;
-    let env = worker_env(spec);
+    let mut env = worker_env(spec);
+    // The admin API always needs a token (see `admin_secret.rs`).
+    env.push(secret("ADMIN_TOKEN", &super::admin_secret::token_ref(ew)));
     // Ours last: user labels must not replace the ones the selector relies on.
     let mut pod_labels = spec.pod_labels.clone().unwrap_or_default();
     pod_labels.extend(labels(ew));
@@ -343,7 +361,10 @@ mod tests {
         s["target"]["readTimeoutSeconds"] = json!(10.5);
         s["target"]["signingSecretRef"] = json!({"name": "hooks", "key": "secret"});
         s["retry"] = json!({"maxAttempts": 7});
-        s["deadLetter"] = json!({"mode": "sql", "sql": {"connectionSecretRef": {"name": "db", "key": "url"}, "table": "failed", "eventTable": "outbox"}});
+        s["target"]["allowedHosts"] = json!(["hooks.example.com", "*.partner.io", "10.0.0.0/8"]);
+        s["target"]["deniedNetworks"] = json!(["169.254.0.0/16"]);
+        s["deadLetter"] = json!({"mode": "sql", "sql": {"connectionSecretRef": {"name": "db", "key": "url"}, "table": "failed", "eventTable": "outbox", "tableMode": "outbox"}});
+        s["admin"] = json!({"tokenSecretRef": {"name": "ops", "key": "admin"}});
         s["ordering"] = "stream".into();
         let d = deployment(&ew(s), &SecretData::new());
         let env = env_map(&d);
@@ -359,12 +380,16 @@ mod tests {
         assert_eq!(value(&env, "ORDERING").as_deref(), Some("stream"));
         assert_eq!(value(&env, "DLQ_DB_TABLE").as_deref(), Some("failed"));
         assert_eq!(value(&env, "EVENT_DB_TABLE").as_deref(), Some("outbox"));
+        assert_eq!(value(&env, "DLQ_DB_MODE").as_deref(), Some("outbox"));
+        assert_eq!(value(&env, "TARGET_ALLOWLIST").as_deref(), Some("hooks.example.com,*.partner.io,10.0.0.0/8"));
+        assert_eq!(value(&env, "TARGET_DENYLIST").as_deref(), Some("169.254.0.0/16"));
         assert_eq!(value(&env, "METRICS_PORT").as_deref(), Some("9000"));
         assert_eq!(value(&env, "SHUTDOWN_GRACE").as_deref(), Some("25"));
         for (var, secret, key) in [
             ("REDIS_PASSWORD", "redis", "password"),
             ("WEBHOOK_SECRET", "hooks", "secret"),
             ("DLQ_DB_CONNECTION", "db", "url"),
+            ("ADMIN_TOKEN", "ops", "admin"),
         ] {
             let r = env[var].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
             assert_eq!((r.name.as_str(), r.key.as_str()), (secret, key), "{var} comes from its Secret");

@@ -1,6 +1,7 @@
 //! Pure builders: an `EventWorker` (and the Secrets it references) in, Kubernetes objects
 //! out. Nothing here talks to the API server.
 
+pub mod admin_secret;
 pub mod deployment;
 pub mod pdb;
 pub mod service;

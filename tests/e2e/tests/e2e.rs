@@ -264,6 +264,22 @@ async fn invalid_eventworkers_are_rejected_with_messages() {
             json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "flowControl": {"hosts": [{"url": "api.example.com"}]}}),
             "flowControl.hosts[].url must start with http:// or https://",
         ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "streams": [{"name": "dlq"}]}),
+            "'retry' and 'dlq' are reserved",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc", "allowedHosts": ["http://evil/"]}}),
+            "target.allowedHosts items are host names",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc", "deniedNetworks": ["metadata"]}}),
+            "target.deniedNetworks items are IP addresses or CIDRs",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"}, "deadLetter": {"mode": "sql", "sql": {"connectionSecretRef": {"name": "s", "key": "k"}, "tableMode": "sideways"}}}),
+            "Unsupported value: \"sideways\"",
+        ),
     ];
     for (i, (spec, message)) in cases.into_iter().enumerate() {
         match env.create_ew(&format!("bad-{i}"), spec).await {
