@@ -29,6 +29,11 @@ const PROBE_CAP: Duration = Duration::from_secs(30);
 const MAX_HORIZON: Duration = Duration::from_secs(300);
 /// A host unused this long is forgotten (its limiter starts over when it is used again).
 const IDLE_EVICT: Duration = Duration::from_secs(300);
+/// Hosts with metric series of their own; the hosts beyond (producers choose `meta.url`)
+/// are limited all the same, without series.
+pub const MAX_HOST_SERIES: usize = 500;
+/// Hosts tracked at most; beyond, hosts idle for a minute are forgotten early.
+const MAX_HOSTS: usize = 10_000;
 
 /// Per-host settings that may differ from the defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -251,9 +256,20 @@ impl Hosts {
         if let Some(h) = map.get(key) {
             return h.clone();
         }
+        if map.len() >= MAX_HOSTS {
+            self.forget_idle(&mut map, Duration::from_secs(60));
+        }
         let (limit, rate) = self.settings.for_host(key);
         let m = &self.metrics;
         let labels = [&**key];
+        let exported = map.len() < MAX_HOST_SERIES;
+        let gauge = |v: &prometheus::IntGaugeVec| {
+            if exported {
+                v.with_label_values(&labels)
+            } else {
+                prometheus::IntGauge::new("unexported", "unexported").expect("valid gauge")
+            }
+        };
         let host = Arc::new(Host {
             key: key.clone(),
             st: Mutex::new(HostState {
@@ -268,11 +284,15 @@ impl Hosts {
                 horizon: Instant::now(),
             }),
             gauges: Gauges {
-                limit: m.host_limit.with_label_values(&labels),
-                in_flight: m.host_in_flight.with_label_values(&labels),
-                queued: m.host_queued.with_label_values(&labels),
-                baseline: m.host_latency_baseline.with_label_values(&labels),
-                open: m.host_circuit_open.with_label_values(&labels),
+                limit: gauge(&m.host_limit),
+                in_flight: gauge(&m.host_in_flight),
+                queued: gauge(&m.host_queued),
+                baseline: if exported {
+                    m.host_latency_baseline.with_label_values(&labels)
+                } else {
+                    prometheus::Gauge::new("unexported", "unexported").expect("valid gauge")
+                },
+                open: gauge(&m.host_circuit_open),
             },
         });
         host.publish(&host.lock());
@@ -435,6 +455,10 @@ impl Hosts {
 
     fn evict_older_than(&self, idle: Duration) -> usize {
         let mut map = crate::lock(&self.map);
+        self.forget_idle(&mut map, idle)
+    }
+
+    fn forget_idle(&self, map: &mut HashMap<Arc<str>, Arc<Host>>, idle: Duration) -> usize {
         let before = map.len();
         map.retain(|key, h| {
             let st = h.lock();
@@ -492,6 +516,19 @@ mod tests {
             Admit::Go(p) => p,
             _ => panic!("expected admission"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn producer_chosen_hosts_do_not_grow_the_metrics_without_bound() {
+        let h = hosts(2, 10);
+        for i in 0..MAX_HOST_SERIES + 50 {
+            let p = go(&h, &target(&format!("http://h{i}:1/x")), 0).await;
+            p.finish(Signal::Ok);
+        }
+        assert_eq!(h.len(), MAX_HOST_SERIES + 50, "every host is limited");
+        let text = h.metrics.render();
+        let series = text.lines().filter(|l| l.starts_with("host_concurrency_limit{")).count();
+        assert_eq!(series, MAX_HOST_SERIES, "only the first hosts get series");
     }
 
     #[tokio::test(start_paused = true)]
