@@ -109,7 +109,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
         shutdown: shutdown.clone(),
         outbox_wake: Arc::default(),
     });
-    if cfg.admin_token.is_none() && matches!(w.sink, Sink::Sql(_)) {
+    if cfg.admin_token.is_none() {
         tracing::warn!(
             "ADMIN_TOKEN is not set: GET /reprocess-dlq (the original's endpoint) replays dead letters without authentication; set ADMIN_TOKEN to require a token"
         );
