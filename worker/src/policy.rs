@@ -32,11 +32,19 @@ impl Cidr {
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        // An IPv4-mapped IPv6 address is its IPv4 address.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
+        // An IPv6 address that carries an IPv4 one (mapped, compatible, NAT64) is checked
+        // as both.
+        if let IpAddr::V6(v6) = ip {
+            if let Some(v4) = embedded_ipv4(v6) {
+                if self.contains_exact(IpAddr::V4(v4)) {
+                    return true;
+                }
+            }
+        }
+        self.contains_exact(ip)
+    }
+
+    fn contains_exact(&self, ip: IpAddr) -> bool {
         match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
                 let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
@@ -49,6 +57,18 @@ impl Cidr {
             _ => false,
         }
     }
+}
+
+/// The IPv4 address inside an IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible
+/// (`::a.b.c.d`) or NAT64 (`64:ff9b::a.b.c.d`) IPv6 address.
+fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        let [.., a, b, c, d] = v6.octets();
+        return Some(std::net::Ipv4Addr::new(a, b, c, d));
+    }
+    // `to_ipv4` takes mapped and compatible forms; `::` and `::1` are not IPv4.
+    v6.to_ipv4().filter(|_| !v6.is_loopback() && !v6.is_unspecified())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,7 +88,9 @@ pub struct TargetPolicy {
     any: bool,
     allow: Vec<Allow>,
     deny: Arc<Vec<Cidr>>,
+    /// The default target's scheme, host and port: trusted with secrets.
     default_host: Option<String>,
+    default_name: Option<String>,
 }
 
 impl TargetPolicy {
@@ -99,10 +121,19 @@ impl TargetPolicy {
                 msg: format!("{item:?} is not an IP address or CIDR"),
             })?);
         }
-        let default_host = reqwest::Url::parse(&default_uri.replace("[EVENT_TYPE]", "x"))
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
-        Ok(Self { any, allow, deny: Arc::new(deny), default_host })
+        let default = reqwest::Url::parse(&default_uri.replace("[EVENT_TYPE]", "x")).ok();
+        let default_host = default.as_ref().map(crate::delivery::host_key);
+        let default_name = default.as_ref().and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        let policy = Self { any, allow, deny: Arc::new(deny), default_host, default_name };
+        if let Some(u) = &default {
+            if policy.check(u) == Err(DENIED) {
+                return Err(Error::Config {
+                    var: "TARGET_DENYLIST",
+                    msg: format!("DEFAULT_WORKER_URI's address {} is denied", u.host_str().unwrap_or("")),
+                });
+            }
+        }
+        Ok(policy)
     }
 
     pub fn is_denied(&self, ip: IpAddr) -> bool {
@@ -125,9 +156,12 @@ impl TargetPolicy {
         if literal.is_some_and(|ip| self.is_denied(ip)) {
             return Err(DENIED);
         }
-        let is_default = self.default_host.as_deref() == Some(host.as_str());
+        // Secrets go to the default target itself (same scheme, host and port: not in
+        // clear text to an http:// twin, nor to another port of that host).
+        let is_default = self.default_host.as_deref() == Some(crate::delivery::host_key(url).as_str());
+        let default_name = self.default_name.as_deref() == Some(host.as_str());
         let listed = self.allowlisted(&host);
-        if !(is_default || listed || self.any) {
+        if !(default_name || listed || self.any) {
             return Err(NOT_ALLOWED);
         }
         Ok(is_default || listed)
@@ -210,6 +244,11 @@ mod tests {
         assert_eq!(open.check(&url("http://169.254.169.254/latest/meta-data")), Err(DENIED));
         assert_eq!(open.check(&url("http://[fd00:ec2::254]/")), Err(DENIED));
         assert_eq!(open.check(&url("http://receiver:8080/x")), Ok(true), "the default host sees secrets");
+        assert_eq!(open.check(&url("http://receiver:9999/x")), Ok(false), "not another port of it");
+        assert_eq!(open.check(&url("https://receiver:8080/x")), Ok(false), "nor another scheme");
+        assert_eq!(open.check(&url("http://[::ffff:169.254.169.254]/")), Err(DENIED));
+        assert_eq!(open.check(&url("http://[64:ff9b::a9fe:a9fe]/")), Err(DENIED), "NAT64 form of 169.254.169.254");
+        assert!(TargetPolicy::parse("*", DENY, "http://169.254.1.1/x").is_err(), "a denied default target");
         assert_eq!(open.check(&url("http://elsewhere/x")), Ok(false), "any host allowed, without secrets");
 
         let closed =

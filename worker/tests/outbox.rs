@@ -233,3 +233,46 @@ async fn undelivered_rows_are_audited_and_replays_stay_in_configured_streams() {
     wait_until("replayed row delivered and deleted", T, || async { rows(&db, "").await == ["9"] }).await;
     assert_eq!(delivered_counts(&sink).get("2"), Some(&1));
 }
+
+/// The outbox store's edges, through its API: a row marked as a dead letter survives a
+/// late clean-up of an earlier delivery of the same id; a dead letter whose id belongs to
+/// another stream's row is refused (kept in `events:dlq` by the worker) instead of
+/// marking that row; ids of a PostgreSQL `uuid` column work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_store_edges() {
+    use eventworker::config::DbMode;
+    use eventworker::dlq::{DeadLetter, SqlSink};
+    let letter = |id: &str, stream: &str| DeadLetter {
+        id: id.into(),
+        event_type: "t".into(),
+        reason: "http_404".into(),
+        payload: "p".into(),
+        stream: stream.into(),
+        attempts: 1,
+        meta: None,
+    };
+    for db in [Database::sqlite(), Database::postgres()] {
+        db.exec(TABLE).await;
+        db.exec("INSERT INTO events (id, type, stream, payload) VALUES (5, 't', 'events:default', 'x'), (6, 't', 'events:default', 'y')").await;
+        let sink = SqlSink::new(&db.url(), "events", None, DbMode::Auto).unwrap();
+        sink.send(&letter("5", "events:default")).await.unwrap();
+        assert_eq!(sink.delete_delivered(&["5".into(), "6".into()]).await.unwrap(), 1, "{}", db.name());
+        assert_eq!(rows(&db, "").await, ["5"], "{}: the dead letter's row survives", db.name());
+        let err = sink.send(&letter("5", "events:fast")).await.unwrap_err();
+        assert!(matches!(err, eventworker::Error::Rejected { .. }), "{}: {err}", db.name());
+        assert!(
+            matches!(sink.send(&letter("abc", "events:default")).await, Err(eventworker::Error::Rejected { .. })),
+            "{}: not a number for an int id",
+            db.name()
+        );
+    }
+    let db = Database::postgres();
+    db.exec("CREATE TABLE events (id uuid PRIMARY KEY, type TEXT NOT NULL, dlq BOOLEAN NOT NULL DEFAULT FALSE, payload TEXT)")
+        .await;
+    let (a, b) = ("6f1c1f8e-3a39-4a57-9d0b-0c2f0f6a8e01", "6f1c1f8e-3a39-4a57-9d0b-0c2f0f6a8e02");
+    db.exec(&format!("INSERT INTO events (id, type, payload) VALUES ('{a}', 't', 'x'), ('{b}', 't', 'y')")).await;
+    let sink = SqlSink::new(&db.url(), "events", None, DbMode::Outbox).unwrap();
+    sink.send(&letter(b, "events:default")).await.unwrap();
+    assert_eq!(sink.delete_delivered(&[a.to_string()]).await.unwrap(), 1);
+    assert_eq!(db.column("SELECT CAST(id AS TEXT) FROM events WHERE dlq").await, [b]);
+}

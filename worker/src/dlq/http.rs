@@ -27,8 +27,9 @@ impl HttpSink {
         let status = resp.status();
         if status.is_success() {
             Ok(())
-        } else if status.is_client_error() && !matches!(status.as_u16(), 408 | 429) {
-            // 400, 413, 422...: this record will never be taken, however often it is sent.
+        } else if matches!(status.as_u16(), 400 | 413 | 415 | 422) {
+            // This record will never be taken, however often it is sent. (401, 403, 404...
+            // say the sink is misconfigured: the letter is held until it is fixed.)
             Err(Error::Rejected { sink: "http", msg: format!("{} answered {status}", crate::redact(&self.uri)) })
         } else {
             Err(err(format!("{} answered {status}", crate::redact(&self.uri))))

@@ -23,6 +23,8 @@ use crate::retry::backoff;
 const BATCH: usize = 500;
 /// How often the audit counts undelivered rows, at most.
 const AUDIT_EVERY: Duration = Duration::from_secs(30);
+/// Longest one DELETE may take (a row lock must not hold the clean-up, or a stop, forever).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the set is looked at without a wake-up (another worker's records).
 const IDLE_POLL: Duration = Duration::from_secs(2);
 
@@ -60,14 +62,15 @@ pub async fn run(w: Arc<Worker>, stop: tokio_util::sync::CancellationToken) {
             redis::cmd("SRANDMEMBER").arg(&key).arg(BATCH).query_async(&mut con).await;
         let outcome = match ids {
             Ok(ids) if ids.is_empty() => Ok(0),
-            Ok(ids) => match sql.delete_delivered(&ids).await {
-                Ok(deleted) => {
+            Ok(ids) => match tokio::time::timeout(STATEMENT_TIMEOUT, sql.delete_delivered(&ids)).await {
+                Err(_) => Err(format!("DELETE did not finish within {STATEMENT_TIMEOUT:?}")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(deleted)) => {
                     w.metrics.outbox_rows_deleted.inc_by(deleted);
                     let removed: redis::RedisResult<i64> =
                         redis::cmd("SREM").arg(&key).arg(&ids).query_async(&mut con).await;
                     removed.map(|_| ids.len()).map_err(|e| e.to_string())
                 }
-                Err(e) => Err(e.to_string()),
             },
             Err(e) => Err(e.to_string()),
         };
@@ -81,8 +84,8 @@ pub async fn run(w: Arc<Worker>, stop: tokio_util::sync::CancellationToken) {
                     w.health.set_cleanup_error(None);
                     failures = 0;
                 }
-                if n == BATCH {
-                    continue; // more waiting
+                if n == BATCH && !stopping {
+                    continue; // more waiting (at a stop, the rest waits for the next start)
                 }
                 if stopping {
                     return;

@@ -99,6 +99,9 @@ pub struct Outbox {
     /// The id column is an integer type: ids are bound as integers (an id that is not a
     /// number cannot have a row).
     pub numeric_id: bool,
+    /// How the id column is compared with a bound id: `id`, or `CAST(id AS TEXT)` for a
+    /// PostgreSQL column that is neither an integer nor text (uuid, numeric).
+    pub id_expr: String,
     /// SQL literals for the `dlq` flag (BOOLEAN or an integer column).
     pub flag_true: &'static str,
     pub flag_false: &'static str,
@@ -126,15 +129,24 @@ const EXTRA_COLUMNS: [&str; 6] = ["stream", "meta", "attempts", "dead_lettered",
 
 /// Whether a database error is about this record (a value the table refuses: too long, a
 /// NUL byte, a constraint) rather than about the database being unreachable or busy.
-/// SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation).
-pub fn is_permanent(e: &sqlx::Error) -> bool {
+/// PostgreSQL and MySQL: SQLSTATE classes 22 (data exception) and 23 (integrity
+/// constraint), plus MySQL's value errors that come with a generic SQLSTATE; SQLite: the
+/// CONSTRAINT, TOOBIG and MISMATCH result codes.
+pub fn is_permanent(dialect: Dialect, e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(d) => {
             let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
-            // Not MySQL's catch-all HY000: it covers connection trouble too.
-            code.starts_with("22")
-                || code.starts_with("23")
-                || matches!(d.kind(), sqlx::error::ErrorKind::NotNullViolation | sqlx::error::ErrorKind::CheckViolation)
+            match dialect {
+                Dialect::Sqlite => code.parse::<i64>().is_ok_and(|c| matches!(c & 0xff, 18..=20)),
+                Dialect::Postgres => code.starts_with("22") || code.starts_with("23"),
+                Dialect::MySql => {
+                    // 1366 incorrect string value (HY000), 1265 data truncated (01000).
+                    let number = d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|m| m.number());
+                    code.starts_with("22")
+                        || code.starts_with("23")
+                        || matches!(number, Some(1366 | 1265 | 1264 | 1292 | 1406))
+                }
+            }
         }
         sqlx::Error::Encode(_) | sqlx::Error::TypeNotFound { .. } => true,
         _ => false,
@@ -175,8 +187,8 @@ impl SqlSink {
     }
 
     /// A refusal of this record, or a failure to retry.
-    fn classify(e: sqlx::Error) -> Error {
-        if is_permanent(&e) {
+    fn classify(&self, e: sqlx::Error) -> Error {
+        if is_permanent(self.dialect, &e) {
             Error::Rejected { sink: "sql", msg: e.to_string() }
         } else {
             Self::err(e)
@@ -274,17 +286,25 @@ impl SqlSink {
         };
         let shape = if outbox {
             let c = cols.unwrap_or_default();
-            for needed in ["id", "type"] {
+            for needed in ["id", "type", "payload"] {
                 if !c.contains_key(needed) {
                     return Err(bad(format!("{}: the outbox table has no {needed} column", self.table)));
                 }
             }
-            let numeric_id = c["id"].contains("int") || c["id"].contains("serial");
+            let id_type = c["id"].as_str();
+            let numeric_id = id_type.contains("int") || id_type.contains("serial");
+            let textual = ["char", "text", "clob", "string"].iter().any(|t| id_type.contains(t));
+            let id_expr = if self.dialect == Dialect::Postgres && !numeric_id && !textual {
+                "CAST(id AS TEXT)".to_string()
+            } else {
+                "id".to_string()
+            };
             let boolean = c["dlq"].starts_with("bool");
             let (flag_true, flag_false) =
                 if self.dialect == Dialect::Postgres && !boolean { ("1", "0") } else { ("TRUE", "FALSE") };
             let o = Outbox {
                 numeric_id,
+                id_expr,
                 flag_true,
                 flag_false,
                 stream: c.contains_key("stream"),
@@ -377,9 +397,13 @@ impl SqlSink {
             Shape::DeadLetter { extended } => self.upsert(&mut tx, *extended, r).await?,
         }
         if let Some(et) = &self.event_table {
-            sqlx::query(&self.source_delete_sql(et)).bind(&r.id).execute(&mut *tx).await.map_err(Self::classify)?;
+            sqlx::query(&self.source_delete_sql(et))
+                .bind(&r.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.classify(e))?;
         }
-        tx.commit().await.map_err(Self::classify)
+        tx.commit().await.map_err(|e| self.classify(e))
     }
 
     /// The dead-letter table is keyed by id. A row of the same id from another stream is a
@@ -394,12 +418,12 @@ impl SqlSink {
             if extended {
                 q = q.bind(&r.stream).bind(r.meta.clone()).bind(r.attempts as i32).bind(now.clone()).bind(now);
             }
-            q.execute(&mut **tx).await.map_err(Self::classify)?;
+            q.execute(&mut **tx).await.map_err(|e| self.classify(e))?;
             if !extended {
                 break;
             }
             let sql = format!("SELECT stream FROM {} WHERE id = {}", self.table, self.param(1));
-            let row = sqlx::query(&sql).bind(&key).fetch_optional(&mut **tx).await.map_err(Self::classify)?;
+            let row = sqlx::query(&sql).bind(&key).fetch_optional(&mut **tx).await.map_err(|e| self.classify(e))?;
             let stored = match row {
                 Some(row) => text(&row, "stream")?,
                 None => None,
@@ -420,7 +444,9 @@ impl SqlSink {
         }
     }
 
-    /// The original's outbox dead letter: `UPDATE ... SET dlq = 1`, or insert the row.
+    /// The original's outbox dead letter: `UPDATE ... SET dlq = 1`, or insert the row. A
+    /// row of the same id that belongs to another stream is another event's: this letter
+    /// is refused (and kept in `events:dlq`) rather than marking it.
     async fn mark_dead(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, o: &Outbox, r: &DeadLetter) -> Result<()> {
         let Some(id) = self.id_value(o, &r.id) else {
             return Err(Error::Rejected {
@@ -429,23 +455,27 @@ impl SqlSink {
             });
         };
         let t = &self.table;
-        let set_reason = if o.reason { format!(", reason = {}", self.param(1)) } else { String::new() };
-        let id_param = self.param(if o.reason { 2 } else { 1 });
-        let sql = format!("UPDATE {t} SET dlq = {}{set_reason} WHERE id = {id_param}", o.flag_true);
-        let mut q = sqlx::query(&sql);
-        if o.reason {
-            q = q.bind(&r.reason);
-        }
-        let updated = bind_id(q, &id).execute(&mut **tx).await.map_err(Self::classify)?;
-        if updated.rows_affected() > 0 {
-            return Ok(());
-        }
-        // MySQL counts changed rows only: a row already marked is "not updated".
-        let exists = bind_id(sqlx::query(&format!("SELECT 1 AS one FROM {t} WHERE id = {}", self.param(1))), &id)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(Self::classify)?;
-        if exists.is_some() {
+        let idx = &o.id_expr;
+        let stream_col = if o.stream { "stream" } else { "1 AS stream" };
+        let sql = format!("SELECT {stream_col} FROM {t} WHERE {idx} = {}", self.param(1));
+        let existing = bind_id(sqlx::query(&sql), &id).fetch_optional(&mut **tx).await.map_err(|e| self.classify(e))?;
+        if let Some(row) = existing {
+            let theirs = if o.stream { text(&row, "stream")? } else { None };
+            let key = |s: &str| s.strip_prefix(crate::config::STREAM_PREFIX).unwrap_or(s).to_string();
+            if let Some(theirs) = theirs.filter(|s| !s.is_empty() && key(s) != key(&r.stream)) {
+                return Err(Error::Rejected {
+                    sink: "sql",
+                    msg: format!("row {} of {t} is an event of {theirs}, not of {}", r.id, r.stream),
+                });
+            }
+            let set_reason = if o.reason { format!(", reason = {}", self.param(1)) } else { String::new() };
+            let id_param = self.param(if o.reason { 2 } else { 1 });
+            let sql = format!("UPDATE {t} SET dlq = {}{set_reason} WHERE {idx} = {id_param}", o.flag_true);
+            let mut q = sqlx::query(&sql);
+            if o.reason {
+                q = q.bind(&r.reason);
+            }
+            bind_id(q, &id).execute(&mut **tx).await.map_err(|e| self.classify(e))?;
             return Ok(());
         }
         let mut cols = vec!["id", "type", "payload"];
@@ -464,12 +494,14 @@ impl SqlSink {
         if o.reason {
             q = q.bind(&r.reason);
         }
-        q.execute(&mut **tx).await.map_err(Self::classify)?;
+        q.execute(&mut **tx).await.map_err(|e| self.classify(e))?;
         Ok(())
     }
 
     /// Delete the rows of delivered events from an outbox table. Ids that cannot have a
-    /// row (not a number for an integer id column) are skipped.
+    /// row (not a number for an integer id column) are skipped, and so are rows marked as
+    /// dead letters meanwhile (another event of the same id failed after this one was
+    /// delivered: its mark must survive).
     pub async fn delete_delivered(&self, ids: &[String]) -> Result<u64> {
         let Shape::Outbox(o) = self.prepare().await? else { return Ok(0) };
         let values: Vec<IdValue> = ids.iter().filter_map(|id| self.id_value(&o, id)).collect();
@@ -477,7 +509,13 @@ impl SqlSink {
             return Ok(0);
         }
         let params: Vec<String> = (1..=values.len()).map(|i| self.param(i)).collect();
-        let sql = format!("DELETE FROM {} WHERE id IN ({})", self.table, params.join(", "));
+        let sql = format!(
+            "DELETE FROM {} WHERE {} IN ({}) AND (dlq IS NULL OR dlq = {})",
+            self.table,
+            o.id_expr,
+            params.join(", "),
+            o.flag_false
+        );
         let mut q = sqlx::query(&sql);
         for v in &values {
             q = bind_id(q, v);
@@ -496,7 +534,9 @@ impl SqlSink {
             Dialect::MySql => {
                 ("created_at < CURRENT_TIMESTAMP - INTERVAL ? SECOND".into(), OlderThan::Int(secs as i64))
             }
-            Dialect::Sqlite => ("created_at < datetime('now', ?)".into(), OlderThan::Text(format!("-{secs} seconds"))),
+            Dialect::Sqlite => {
+                ("julianday(created_at) < julianday('now', ?)".into(), OlderThan::Text(format!("-{secs} seconds")))
+            }
         }
     }
 
@@ -507,11 +547,11 @@ impl SqlSink {
         let (cond, v) = self.older_than_sql(older_than);
         let stream = if o.stream { ", stream" } else { "" };
         let mut sql = format!(
-            "SELECT {} AS id, type{stream}, {} AS created_at FROM {} WHERE dlq = {} AND {cond} ORDER BY created_at",
+            "SELECT {} AS id, type{stream}, {} AS created_at FROM {} WHERE COALESCE(dlq, {f}) = {f} AND {cond} ORDER BY created_at",
             self.as_text("id"),
             self.as_text("created_at"),
             self.table,
-            o.flag_false
+            f = o.flag_false
         );
         if let Some(n) = limit {
             sql.push_str(&format!(" LIMIT {n}"));
@@ -537,7 +577,11 @@ impl SqlSink {
     pub async fn count_undelivered(&self, older_than: Duration) -> Result<i64> {
         let o = self.outbox_with_created_at().await?;
         let (cond, v) = self.older_than_sql(older_than);
-        let sql = format!("SELECT COUNT(*) AS n FROM {} WHERE dlq = {} AND {cond}", self.table, o.flag_false);
+        let sql = format!(
+            "SELECT COUNT(*) AS n FROM {} WHERE COALESCE(dlq, {f}) = {f} AND {cond}",
+            self.table,
+            f = o.flag_false
+        );
         let row = v.bind(sqlx::query(&sql)).fetch_one(&self.pool).await.map_err(Self::err)?;
         Ok(int(&row, "n")?.unwrap_or(0))
     }
@@ -607,13 +651,19 @@ impl SqlSink {
                 let p = self.param(1);
                 (
                     format!(
-                        "SELECT {} AS id, type{}{}, payload FROM {t} WHERE id = {p} AND dlq = {}{lock}",
+                        "SELECT {} AS id, type{}{}, payload FROM {t} WHERE {idx} = {p} AND dlq = {}{lock}",
                         self.as_text("id"),
                         if o.reason { ", reason" } else { "" },
                         if o.stream { ", stream" } else { "" },
-                        o.flag_true
+                        o.flag_true,
+                        idx = o.id_expr
                     ),
-                    format!("UPDATE {t} SET dlq = {} WHERE id = {p} AND dlq = {}", o.flag_false, o.flag_true),
+                    format!(
+                        "UPDATE {t} SET dlq = {} WHERE {idx} = {p} AND dlq = {}",
+                        o.flag_false,
+                        o.flag_true,
+                        idx = o.id_expr
+                    ),
                 )
             }
         };
