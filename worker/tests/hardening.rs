@@ -39,6 +39,10 @@ async fn dead_letters_the_table_refuses_go_to_the_redis_stream() {
         ],
     )
     .await;
+    wait_until("both letters kept", T, || async {
+        db.column("SELECT id FROM dlq").await.len() == 1 && xrange_len(&redis, "events:dlq").await == 1
+    })
+    .await;
     wait_until("all acknowledged", T, || async {
         pending(&mut redis.con().await, "events:fast", "workers").await == 0
     })
@@ -48,22 +52,11 @@ async fn dead_letters_the_table_refuses_go_to_the_redis_stream() {
     assert_eq!(w.metric("dlq_refused_total{sink=\"sql\"}").await, 1.0);
     let (code, body) = w.get("/readyz").await;
     assert_eq!(code, 200, "a refused letter does not make the worker unready: {body}");
-    assert!(sink.delivered_ids("/e").contains("after"), "later events were not blocked");
+    wait_until("later events not blocked", T, || async { sink.delivered_ids("/e").contains("after") }).await;
 
+    let (redis_url, db_url) = (redis.url(), db.url());
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(worker_bin())
-            .env_clear()
-            .env("REDIS_URL", redis.url())
-            .env("DLQ_DB_CONNECTION", db.url())
-            .env("STREAMS", "fast")
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        run_cli(&[("REDIS_URL", &redis_url), ("DLQ_DB_CONNECTION", &db_url), ("STREAMS", "fast")], args)
     };
     let (ok, out, err) = cli(&["dlq", "list", "--json"]);
     assert!(ok, "{err}");
@@ -220,14 +213,8 @@ async fn targets_are_bounded_and_secrets_stay_with_trusted_hosts() {
 #[test]
 fn credentials_are_redacted_from_errors() {
     let url = format!("redis://:hunter2@127.0.0.1:{}/0", free_port());
-    let out = std::process::Command::new(worker_bin())
-        .env_clear()
-        .env("REDIS_URL", &url)
-        .args(["dlq", "replay", "--ids", "1"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, _, err) = run_cli(&[("REDIS_URL", &url)], &["dlq", "replay", "--ids", "1"]);
+    assert!(!ok);
     assert!(err.contains("redis://***@127.0.0.1"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
@@ -240,15 +227,7 @@ async fn consumers_do_not_pile_up() {
     let redis = RedisServer::start();
     let sink = Sink::start().await;
     let mut con = redis.con().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("events:fast")
-        .arg("workers")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    create_group(&mut con, "events:fast", "workers").await;
     let _: i64 = redis::cmd("XGROUP")
         .arg("CREATECONSUMER")
         .arg("events:fast")

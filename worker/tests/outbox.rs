@@ -167,21 +167,14 @@ async fn outbox_mariadb_outage() {
 }
 
 fn cli(redis: &RedisServer, db: &Database, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(worker_bin())
-        .env_clear()
-        .env("REDIS_URL", redis.url())
-        .env("DLQ_DB_CONNECTION", db.sqlalchemy_url())
-        .env("DLQ_DB_TABLE", "events")
-        .env("STREAMS", "default,fast")
-        .env("RUST_LOG", "warn")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (redis_url, db_url) = (redis.url(), db.sqlalchemy_url());
+    let env = [
+        ("REDIS_URL", redis_url.as_str()),
+        ("DLQ_DB_CONNECTION", &db_url),
+        ("DLQ_DB_TABLE", "events"),
+        ("STREAMS", "default,fast"),
+    ];
+    run_cli(&env, args)
 }
 
 /// Rows whose event never reached the stream show up in the audit (metric and CLI); the

@@ -169,15 +169,7 @@ async fn a_dead_consumers_entries_are_taken_over() {
         let redis = RedisServer::start();
         let sink = Sink::start().await;
         let mut con = redis.con().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg("events:fast")
-            .arg("workers")
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        create_group(&mut con, "events:fast", "workers").await;
         produce(&mut con, "events:fast", &events("d", 5)).await;
         // A consumer on another pod reads them and dies.
         let _: redis::Value = redis::cmd("XREADGROUP")

@@ -147,20 +147,8 @@ async fn entries_added(redis: &RedisServer, key: &str) -> i64 {
 
 /// `eventworker dlq <args>` with the environment a user would give it.
 fn dlq_cmd(redis_url: &str, db_url: &str, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(worker_bin())
-        .env_clear()
-        .env("REDIS_URL", redis_url)
-        .env("DLQ_DB_CONNECTION", db_url)
-        .env("RUST_LOG", "warn")
-        .arg("dlq")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let args: Vec<&str> = std::iter::once("dlq").chain(args.iter().copied()).collect();
+    run_cli(&[("REDIS_URL", redis_url), ("DLQ_DB_CONNECTION", db_url)], &args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -343,6 +343,29 @@ pub struct Worker {
     stdout_path: PathBuf,
 }
 
+/// `eventworker <args>` as a user runs it, with only `env` set (and `RUST_LOG=warn`):
+/// whether it succeeded, its stdout and its stderr.
+pub fn run_cli(env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(worker_bin())
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `XGROUP CREATE <key> <group> 0 MKSTREAM`.
+pub async fn create_group(con: &mut MultiplexedConnection, key: &str, group: &str) {
+    let _: () =
+        redis::cmd("XGROUP").arg("CREATE").arg(key).arg(group).arg("0").arg("MKSTREAM").query_async(con).await.unwrap();
+}
+
 /// The worker binary: `EVENTWORKER_BIN` when set, else Cargo's for tests and benchmarks,
 /// or the `eventworker` built next to the example.
 pub fn worker_bin() -> PathBuf {
