@@ -3,6 +3,8 @@
 //! Fills 100,000 events over 4 streams, runs the release worker against a fast local sink
 //! and prints events/s, end-to-end latency percentiles (createdAt -> received) and peak RSS,
 //! plus the raw HTTP rate of wrk against the same sink, measured in the same run.
+//! Last, the same with the original's outbox table on PostgreSQL (rows deleted after
+//! delivery): delivery rate and how long the table takes to empty after the last delivery.
 //! Env: EW_BENCH_EVENTS (100000), EW_BENCH_RATE (latency phase events/s, 10000).
 
 #[path = "../tests/common/mod.rs"]
@@ -261,6 +263,9 @@ async fn main() {
     let pool_rate = pool_total as f64 / started.elapsed().as_secs_f64();
     drop(w);
 
+    // The original's outbox table on PostgreSQL: rows deleted after delivery.
+    let outbox = outbox_phase(&redis, &mut con, &log, &sink_url, &env, (total / 5).max(1000)).await;
+
     println!("summary (medians of {rounds} rounds):");
     for (label, r) in &results {
         println!("  {label}:");
@@ -286,4 +291,53 @@ async fn main() {
         lat.last().copied().unwrap_or(f64::NAN)
     );
     println!("  peak RSS steady:   {rss_steady:.1} MB");
+    match outbox {
+        Some((n, rate, lag)) => println!(
+            "  outbox table (PostgreSQL, {n} rows): {rate:.0} events/s delivered, table empty {lag:.2} s after the last delivery"
+        ),
+        None => println!("  outbox table: skipped (PostgreSQL not installed)"),
+    }
+}
+
+/// `n` events whose rows sit in a PostgreSQL outbox table (`DLQ_DB_TABLE=events`):
+/// delivery rate, and how long after the last delivery the last row is deleted.
+async fn outbox_phase(
+    redis: &RedisServer,
+    con: &mut redis::aio::MultiplexedConnection,
+    log: &Log,
+    sink_url: &str,
+    env: &[(&str, &str)],
+    n: u64,
+) -> Option<(u64, f64, f64)> {
+    if !std::path::Path::new("/usr/lib/postgresql").exists() {
+        return None;
+    }
+    let db = common::db::Database::postgres();
+    db.exec("CREATE TABLE events (id bigint PRIMARY KEY, type VARCHAR(255) NOT NULL, stream VARCHAR(255) NOT NULL, dlq BOOLEAN NOT NULL DEFAULT FALSE, created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, payload TEXT)").await;
+    let base = 30_000_000u64;
+    let per = n / STREAMS.len() as u64;
+    let total = per * STREAMS.len() as u64;
+    for chunk in (base..base + total).collect::<Vec<_>>().chunks(1000) {
+        let rows: Vec<String> = chunk.iter().map(|i| format!("({i}, 'bench', 'events:default', 'x')")).collect();
+        db.exec(&format!("INSERT INTO events (id, type, stream, payload) VALUES {}", rows.join(", "))).await;
+    }
+    for (i, s) in STREAMS.iter().enumerate() {
+        produce(con, &format!("events:{s}"), &events(base + i as u64 * per, per)).await;
+    }
+    log.0.lock().unwrap().clear();
+    let url = db.url();
+    let mut env = env.to_vec();
+    env.extend([("DLQ_DB_CONNECTION", url.as_str()), ("DLQ_DB_TABLE", "events")]);
+    let started = Instant::now();
+    let w = Worker::start(redis, sink_url, &env);
+    let delivered = |log: &Log| log.0.lock().unwrap().iter().filter(|(id, _)| *id >= base).count() as u64;
+    wait_until("outbox events delivered", Duration::from_secs(600), || async { delivered(log) >= total }).await;
+    let took = started.elapsed();
+    wait_until("outbox table emptied", Duration::from_secs(600), || async {
+        db.column("SELECT COUNT(*) FROM events").await == ["0"]
+    })
+    .await;
+    let lag = started.elapsed() - took;
+    drop(w);
+    Some((total, total as f64 / took.as_secs_f64(), lag.as_secs_f64()))
 }
