@@ -26,7 +26,7 @@ build() { # name module-dir package
 }
 source "$here/versions.env"
 build etcd etcd .
-for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do build "$c" kube "k8s.io/kubernetes/cmd/$c"; done
+for c in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do build "$c" kube "k8s.io/kubernetes/cmd/$c"; done
 install_tool() { # name package version
   if [ ! -x "$bin/$1" ] || [ ! -e "$bin/.$1.$3" ]; then
     echo "installing $1 $3 (cached in $bin)" >&2
@@ -52,7 +52,13 @@ cert() { # name subject extensions (X.509 v3: rustls refuses v1 certificates)
   printf '%s\n' "$3" > "$1.ext"
   openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 7 -extfile "$1.ext" 2>/dev/null
 }
-cert apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
+# With a real node (EW_REAL_NODE=1, inside netns.sh) pods reach the API server through the
+# `kubernetes` Service (10.96.0.1, kube-proxy) at the node's address.
+real_node="${EW_REAL_NODE:-}"
+node_ip="${NODE_IP:-10.245.255.1}"
+sans="IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+[ -n "$real_node" ] && sans="$sans,IP:10.96.0.1,IP:$node_ip"
+cert apiserver "/CN=kube-apiserver" "subjectAltName=$sans
 extendedKeyUsage=serverAuth"
 cert admin "/O=system:masters/CN=admin" "extendedKeyUsage=clientAuth"
 openssl genrsa -out sa.key 2048 2>/dev/null; openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
@@ -67,8 +73,17 @@ echo $! > "$dir/etcd.pid"
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$etcd_port/health" >/dev/null && break; sleep 0.2; done
 curl -sf "http://127.0.0.1:$etcd_port/health" >/dev/null || fail etcd
 
+if [ -n "$real_node" ]; then
+  # Reachable from pods (the node's address, in this network namespace only); kubectl
+  # logs goes to the kubelet with the admin client certificate.
+  api_net=(--bind-address 0.0.0.0 --advertise-address "$node_ip"
+    --kubelet-client-certificate pki/admin.crt --kubelet-client-key pki/admin.key
+    --kubelet-preferred-address-types InternalIP)
+else
+  api_net=(--bind-address 127.0.0.1 --advertise-address 127.0.0.1)
+fi
 "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+  "${api_net[@]}" --secure-port "$api_port" \
   --tls-cert-file pki/apiserver.crt --tls-private-key-file pki/apiserver.key --client-ca-file pki/ca.crt \
   --service-account-issuer https://kubernetes.default.svc --service-account-key-file pki/sa.pub \
   --service-account-signing-key-file pki/sa.key --service-cluster-ip-range 10.96.0.0/16 \
@@ -134,4 +149,9 @@ done
 [ "$(k get node kwok-node-0 -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ] || fail kwok
 for _ in $(seq 150); do k get serviceaccount default >/dev/null 2>&1 && break; sleep 0.2; done
 k get serviceaccount default >/dev/null 2>&1 || fail kube-controller-manager
+node_env=""
+if [ -n "$real_node" ]; then
+  node_env=$(dir="$dir" bin="$bin" kc="$kc" NODE_IP="$node_ip" "$here/node/up.sh") || exit 1
+fi
 echo "export KUBECONFIG=$kc"
+[ -z "$node_env" ] || echo "$node_env"

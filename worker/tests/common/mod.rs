@@ -217,7 +217,9 @@ impl Sink {
             in_flight: Arc::default(),
             peak: Arc::default(),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // EW_SINK_BIND: where pods of a real test node can reach it (its own network namespace).
+        let bind = std::env::var("EW_SINK_BIND").unwrap_or_else(|_| "127.0.0.1".into());
+        let listener = tokio::net::TcpListener::bind((bind.as_str(), 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let stop = tokio_util::sync::CancellationToken::new();
         let task = Self::serve(listener, state.clone(), stop.clone());
@@ -241,7 +243,8 @@ impl Sink {
         self.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
         tokio::time::sleep(down).await;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let bind = std::env::var("EW_SINK_BIND").unwrap_or_else(|_| "127.0.0.1".into());
+        let listener = tokio::net::TcpListener::bind((bind.as_str(), self.port)).await.unwrap();
         self.stop = tokio_util::sync::CancellationToken::new();
         self.task = Self::serve(listener, self.state.clone(), self.stop.clone());
     }
