@@ -201,8 +201,38 @@ impl Drop for Operator {
 fn spec(redis: &RedisServer) -> Value {
     // On kind, pods reach the test's Redis through the host's address on the kind network.
     let host = std::env::var("E2E_REDIS_HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    json!({"redis": {"host": host, "port": redis.port}, "target": {"uri": "http://127.0.0.1:1/events/[EVENT_TYPE]"},
-           "streams": [{"name": "fast"}]})
+    let mut s = json!({"redis": {"host": host, "port": redis.port}, "target": {"uri": "http://127.0.0.1:1/events/[EVENT_TYPE]"},
+           "streams": [{"name": "fast"}]});
+    if real_node().is_some() {
+        // These scenarios only need pods that exist: the kwok node, out of the real one's way.
+        s["nodeSelector"] = json!({"type": "kwok"});
+        s["tolerations"] = json!([{"key": "eventworker.io/fake", "operator": "Exists", "effect": "NoSchedule"}]);
+    }
+    s
+}
+
+/// The address of the real node (tests/controlplane/up.sh with EW_REAL_NODE=1), where
+/// pods really run and reach the test's Redis and sinks.
+fn real_node() -> Option<String> {
+    std::env::var("EW_NODE_IP").ok().filter(|s| !s.is_empty())
+}
+
+/// Chart values that keep the operator pod where the suite expects it: on the real node
+/// with the image built from the release binary, or on the kwok node.
+fn chart_placement() -> Vec<String> {
+    match real_node() {
+        Some(_) => vec![
+            "--set".into(),
+            "image.repository=localhost/eventworker-operator".into(),
+            "--set".into(),
+            "image.tag=e2e".into(),
+            "--set".into(),
+            "image.pullPolicy=Never".into(),
+            "--set".into(),
+            "nodeSelector.type=real".into(),
+        ],
+        None => vec![],
+    }
 }
 
 fn kubectl(args: &[&str]) -> String {
@@ -510,7 +540,11 @@ async fn an_operator_restarted_mid_way_converges() {
 
 fn helm(args: &[&str]) -> String {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/eventworker-operator");
-    let args: Vec<&str> = args.iter().map(|a| if *a == "CHART" { chart } else { a }).collect();
+    let mut args: Vec<&str> = args.iter().map(|a| if *a == "CHART" { chart } else { a }).collect();
+    let placement = chart_placement();
+    if matches!(args.first(), Some(&"install" | &"upgrade")) {
+        args.extend(placement.iter().map(String::as_str));
+    }
     let out = Command::new(std::env::var("HELM").unwrap_or_else(|_| "helm".into()))
         .env("KUBECONFIG", kubeconfig())
         .args(&args)
@@ -646,5 +680,139 @@ async fn the_charts_rbac_is_all_the_operator_needs() {
     .await;
     helm(&["uninstall", &release, "-n", &env.ns]);
     let _ = std::fs::remove_file(path);
+    env.cleanup().await;
+}
+
+/// Pods of one EventWorker that are running (not terminating), by name.
+async fn running_pod_names(env: &Env, name: &str) -> Vec<String> {
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"));
+    let pods = env.api::<Pod>().list(&lp).await.map(|l| l.items).unwrap_or_default();
+    pods.into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| cs.iter().all(|c| c.ready))
+        })
+        .map(|p| p.name_any())
+        .collect()
+}
+
+/// Publish `n` events with ids from `from`, a thousand at a time, as a producer would
+/// while the deployment changes under it.
+async fn publish(redis_url: String, from: u64, n: u64) {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut i = from;
+    while i < from + n {
+        let k = 1000.min(from + n - i);
+        let evs: Vec<_> = (i..i + k).map(|id| (meta(id, "order.created"), b"{}".to_vec())).collect();
+        produce(&mut con, "events:fast", &evs).await;
+        i += k;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `kubectl logs -f` of a pod into a file, until the pod goes.
+fn follow_logs(ns: &str, pod: &str) -> (Child, PathBuf) {
+    let path = std::env::temp_dir().join(format!("{ns}-{pod}.log"));
+    let file = std::fs::File::create(&path).unwrap();
+    let child = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+        .env("KUBECONFIG", kubeconfig())
+        .args(["logs", "-f", "-n", ns, pod])
+        .stdout(file)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, path)
+}
+
+/// Worker pods that really run (the real node of tests/controlplane, EW_REAL_NODE=1): they
+/// read their Secret, consume from this machine's Redis and deliver to its sink; a rolling
+/// update, a scale-down and a `kill -9` of a worker, each while events flow, lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_pods_on_a_real_node_lose_nothing_through_rollouts_scaling_and_kills() {
+    let Some(node_ip) = real_node() else {
+        eprintln!("skipped: no real node (EW_REAL_NODE=1 tests/controlplane/up.sh inside tests/controlplane/netns.sh)");
+        return;
+    };
+    const SLOW: Duration = Duration::from_secs(240);
+    let env = Env::new("real").await;
+    let redis = RedisServer::start();
+    let sink = Sink::start_with(false).await;
+    let _op = Operator::start(&env, "op-real");
+    env.secret("hooks", "secret", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").await;
+    let spec = json!({
+        "redis": {"host": node_ip, "port": redis.port},
+        "target": {"uri": format!("http://{node_ip}:{}/e/[EVENT_TYPE]", sink.port),
+                   "signingSecretRef": {"name": "hooks", "key": "secret"}},
+        "streams": [{"name": "fast"}],
+        "image": "localhost/eventworker:e2e", "imagePullPolicy": "Never",
+        "replicas": 3, "nodeSelector": {"type": "real"},
+        "terminationGracePeriodSeconds": 15,
+        "retry": {"claimIdleSeconds": 5},
+    });
+    env.create_ew("orders", spec).await.unwrap();
+    wait_until("three worker pods ready", SLOW, || async { running_pod_names(&env, "orders").await.len() == 3 }).await;
+
+    // 20,000 events, every one delivered, signed with the key from the Secret.
+    publish(redis.url(), 0, 20_000).await;
+    wait_until("20,000 delivered", SLOW, || async { sink.delivered_ids("/e").len() == 20_000 }).await;
+    let posts = sink.posts("/e");
+    assert!(posts.iter().all(|r| r.header("webhook-signature").is_some()), "the pods read their Secret");
+    let pods = running_pod_names(&env, "orders").await;
+    let logs = kubectl(&["logs", "-n", &env.ns, &pods[0]]);
+    assert!(logs.contains("consuming"), "kubectl logs works: {logs}");
+
+    // A rolling update while events flow: the old pods drain on SIGTERM.
+    let followed: Vec<_> = pods.iter().map(|p| follow_logs(&env.ns, p)).collect();
+    let producer = tokio::spawn(publish(redis.url(), 20_000, 10_000));
+    env.ews()
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"target": {"headers": {"X-Rev": "2"}}}})),
+        )
+        .await
+        .unwrap();
+    producer.await.unwrap();
+    wait_until("rolled over to three new pods", SLOW, || async {
+        let now = running_pod_names(&env, "orders").await;
+        now.len() == 3 && now.iter().all(|p| !pods.contains(p))
+    })
+    .await;
+    wait_until("30,000 delivered", SLOW, || async { sink.delivered_ids("/e").len() == 30_000 }).await;
+    let mut drained = 0;
+    for (mut child, path) in followed {
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.contains("stream consumer stopped") {
+            drained += 1;
+        }
+    }
+    assert!(drained >= 1, "SIGTERM drain seen in the old pods' logs");
+
+    // Scale 3 -> 1 while events flow.
+    let producer = tokio::spawn(publish(redis.url(), 30_000, 10_000));
+    env.ews().patch("orders", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"replicas": 1}}))).await.unwrap();
+    producer.await.unwrap();
+    wait_until("one pod left", SLOW, || async { running_pod_names(&env, "orders").await.len() == 1 }).await;
+    wait_until("40,000 delivered", SLOW, || async { sink.delivered_ids("/e").len() == 40_000 }).await;
+
+    // kill -9 of the worker's container while events flow: the kubelet restarts it and its
+    // pending entries are delivered.
+    let pod = running_pod_names(&env, "orders").await.remove(0);
+    let producer = tokio::spawn(publish(redis.url(), 40_000, 10_000));
+    wait_until("delivering again", SLOW, || async { sink.delivered_ids("/e").len() > 41_000 }).await;
+    let p = env.api::<Pod>().get(&pod).await.unwrap();
+    let id = p.status.unwrap().container_statuses.unwrap()[0].container_id.clone().unwrap();
+    let id = id.trim_start_matches("containerd://");
+    let sock = std::env::var("EW_CONTAINERD_SOCK").expect("EW_CONTAINERD_SOCK from tests/controlplane/up.sh");
+    let killed = Command::new("ctr").args(["-a", &sock, "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", id]).status();
+    assert!(killed.unwrap().success(), "ctr tasks kill");
+    producer.await.unwrap();
+    wait_until("50,000 delivered", SLOW, || async { sink.delivered_ids("/e").len() == 50_000 }).await;
+    let restarts =
+        env.api::<Pod>().get(&pod).await.unwrap().status.unwrap().container_statuses.unwrap()[0].restart_count;
+    assert!(restarts >= 1, "the killed container was restarted");
     env.cleanup().await;
 }
