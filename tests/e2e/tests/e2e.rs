@@ -816,3 +816,65 @@ async fn worker_pods_on_a_real_node_lose_nothing_through_rollouts_scaling_and_ki
     assert!(restarts >= 1, "the killed container was restarted");
     env.cleanup().await;
 }
+
+/// What the Dockerfile's runtime stage says, read independently of tests/controlplane/image.py:
+/// user, entrypoint, command, exposed ports, and where the binary goes.
+fn dockerfile_runtime(path: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let last_from = lines.iter().rposition(|l| l.trim_start().starts_with("FROM ")).expect("a FROM");
+    let mut out = json!({});
+    for line in &lines[last_from..] {
+        let line = line.trim();
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "USER" => out["User"] = json!(rest.trim()),
+            "ENTRYPOINT" => out["Entrypoint"] = serde_json::from_str(rest).unwrap(),
+            "CMD" => out["Cmd"] = serde_json::from_str(rest).unwrap(),
+            "EXPOSE" => out["ExposedPorts"] = json!({format!("{}/tcp", rest.trim()): {}}),
+            "COPY" => out["binary"] = json!(rest.split_whitespace().last().unwrap()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A file of an OCI image-layout archive.
+fn oci_file(archive: &str, name: &str) -> Vec<u8> {
+    let out = Command::new("tar").args(["-xOf", archive, name]).output().unwrap();
+    assert!(out.status.success(), "{name} in {archive}");
+    out.stdout
+}
+
+/// The images the real node runs (assembled without Docker) match the Dockerfiles users
+/// build: same user, entrypoint, command, ports, and the binary where the Dockerfile puts it.
+#[test]
+fn images_built_here_match_the_dockerfiles() {
+    let Ok(images) = std::env::var("EW_NODE_IMAGES") else {
+        eprintln!("skipped: no images (EW_NODE_IMAGES, set by .ci/run)");
+        return;
+    };
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    for archive in images.split_whitespace() {
+        let dockerfile = if archive.ends_with("operator.tar") { "operator/Dockerfile" } else { "worker/Dockerfile" };
+        let want = dockerfile_runtime(&root.join(dockerfile));
+        let index: Value = serde_json::from_slice(&oci_file(archive, "index.json")).unwrap();
+        let blob = |digest: &str| oci_file(archive, &format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")));
+        let manifest: Value = serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+        let config: Value = serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+        let got = &config["config"];
+        for key in ["User", "Entrypoint", "Cmd", "ExposedPorts"] {
+            assert_eq!(got.get(key), want.get(key), "{archive}: {key} differs from {dockerfile}");
+        }
+        let layer = manifest["layers"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+        let layer_path = std::env::temp_dir().join(format!("layer-{layer}.tar"));
+        std::fs::write(&layer_path, oci_file(archive, &format!("blobs/sha256/{layer}"))).unwrap();
+        let listing = Command::new("tar").arg("-tf").arg(&layer_path).output().unwrap();
+        let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+        let _ = std::fs::remove_file(&layer_path);
+        let binary = want["binary"].as_str().unwrap().trim_start_matches('/');
+        assert!(listing.lines().any(|l| l == binary), "{archive}: {binary} missing");
+        assert!(listing.lines().any(|l| l == "etc/ssl/certs/ca-certificates.crt"), "{archive}: CA certificates");
+        assert!(listing.lines().any(|l| l == "etc/passwd"), "{archive}: the nonroot user");
+    }
+}
