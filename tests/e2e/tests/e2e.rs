@@ -200,7 +200,8 @@ impl Drop for Operator {
 
 fn spec(redis: &RedisServer) -> Value {
     // On kind, pods reach the test's Redis through the host's address on the kind network.
-    let host = std::env::var("E2E_REDIS_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    // With a real node, operator pods reach it at the node's address.
+    let host = std::env::var("E2E_REDIS_HOST").ok().or_else(real_node).unwrap_or_else(|| "127.0.0.1".into());
     let mut s = json!({"redis": {"host": host, "port": redis.port}, "target": {"uri": "http://127.0.0.1:1/events/[EVENT_TYPE]"},
            "streams": [{"name": "fast"}]});
     if real_node().is_some() {
@@ -593,6 +594,23 @@ async fn helm_install_upgrade_and_uninstall_keeps_crds_and_eventworkers() {
     let crd_keep =
         Api::<CustomResourceDefinition>::all(env.client.clone()).get("eventworkers.eventworker.io").await.unwrap();
     assert_eq!(crd_keep.annotations().get("helm.sh/resource-policy").map(String::as_str), Some("keep"));
+    // With a real node the chart's operator runs as a pod (in-cluster configuration through
+    // the `kubernetes` Service): it reconciles an EventWorker by itself.
+    let redis = RedisServer::start();
+    let operator_pods = || async {
+        let lp = ListParams::default().labels("app.kubernetes.io/name=eventworker-operator");
+        let pods = env.api::<Pod>().list(&lp).await.map(|l| l.items).unwrap_or_default();
+        pods.into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .map(|p| p.name_any())
+            .collect::<Vec<_>>()
+    };
+    let before = operator_pods().await;
+    if real_node().is_some() {
+        env.create_ew("reconciled", spec(&redis)).await.unwrap();
+        env.wait_ready("reconciled", "Ready, reconciled by the chart's operator pod").await;
+    }
 
     // An upgrade that changes a value.
     helm(&[
@@ -605,10 +623,32 @@ async fn helm_install_upgrade_and_uninstall_keeps_crds_and_eventworkers() {
         &format!("watchNamespace={}", env.ns),
         "--set",
         "replicaCount=2",
+        "--set",
+        "logLevel=debug",
         "--wait",
         "--timeout",
         "90s",
     ]);
+    if real_node().is_some() {
+        wait_until("the upgrade rolled the operator pods", T, || async {
+            let now = operator_pods().await;
+            now.len() == 2 && now.iter().all(|p| !before.contains(p))
+        })
+        .await;
+        let hash = env.deployment_hash("reconciled").await;
+        env.ews()
+            .patch(
+                "reconciled",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"target": {"uri": "http://127.0.0.1:2/v2"}}})),
+            )
+            .await
+            .unwrap();
+        wait_until("the new operator pods reconcile a change", T, || async {
+            env.deployment_hash("reconciled").await != hash
+        })
+        .await;
+    }
     wait_until("two operator replicas", T, || async {
         deploys.get("ew-eventworker-operator").await.ok().and_then(|d| d.spec).and_then(|s| s.replicas) == Some(2)
     })
@@ -877,4 +917,45 @@ fn images_built_here_match_the_dockerfiles() {
         assert!(listing.lines().any(|l| l == "etc/ssl/certs/ca-certificates.crt"), "{archive}: CA certificates");
         assert!(listing.lines().any(|l| l == "etc/passwd"), "{archive}: the nonroot user");
     }
+}
+
+/// The chart's operator pod in cluster-wide mode (`watchNamespace: ""`) reconciles an
+/// EventWorker in another namespace. Ignored in the parallel run (a cluster-wide operator
+/// would reconcile every other test's namespace too); `.ci/e2e` runs it alone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs alone: .ci/e2e runs it after the suite (cargo test -p eventworker-e2e -- --ignored)"]
+async fn the_chart_operator_pod_reconciles_cluster_wide() {
+    if real_node().is_none() {
+        eprintln!("skipped: no real node");
+        return;
+    }
+    let home = Env::new("cw-op").await;
+    let other = Env::new("cw-app").await;
+    let redis = RedisServer::start();
+    let release = format!("cw{}", free_port());
+    helm(&[
+        "install",
+        &release,
+        "CHART",
+        "-n",
+        &home.ns,
+        "--set",
+        "watchNamespace=",
+        "--set",
+        "crds.install=false",
+        "--wait",
+        "--timeout",
+        "90s",
+    ]);
+    other.create_ew("orders", spec(&redis)).await.unwrap();
+    other.wait_ready("orders", "Ready, reconciled by the cluster-wide operator pod").await;
+    assert!(other.api::<Deployment>().get_opt("orders").await.unwrap().is_some());
+    helm(&["uninstall", &release, "-n", &home.ns, "--wait"]);
+    assert!(Api::<CustomResourceDefinition>::all(home.client.clone())
+        .get_opt("eventworkers.eventworker.io")
+        .await
+        .unwrap()
+        .is_some());
+    other.cleanup().await;
+    home.cleanup().await;
 }
