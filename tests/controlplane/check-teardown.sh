@@ -19,10 +19,14 @@ if [ -n "${NETNS_BEFORE:-}" ]; then
   done
 fi
 if [ -n "${1:-}" ]; then
-  while read -r kv; do
-    [ "$(sysctl -n "${kv%%=*}")" = "${kv#*=}" ] || left+=("sysctl ${kv%%=*} is $(sysctl -n "${kv%%=*}"), was ${kv#*=}")
-  done < "$1"
+  changed=$("$(dirname "$0")/node/sysctls.sh" check "$1" 2>&1) || left+=("$changed")
 fi
+# What the kubelet and containerd keep outside the state directory.
+for f in /var/lib/kubelet/device-plugins/kubelet.sock; do
+  [ -e "$f" ] && left+=("$f")
+done
+links=$(find /var/log/containers -maxdepth 1 -lname "$dir/*" 2>/dev/null || true)
+[ -z "$links" ] || left+=("log links: $links")
 if [ ${#left[@]} -gt 0 ]; then
   printf 'teardown left behind: %s\n' "${left[@]}" >&2
   exit 1

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -78,7 +79,12 @@ def config_of(dockerfile):
 
 
 def shared_libraries(binary):
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+    run = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    out = run.stdout
+    if "not found" in out:
+        sys.exit(f"image.py: {binary} needs libraries this machine does not have:\n{out}")
+    if run.returncode != 0 and "not a dynamic executable" not in run.stdout + run.stderr:
+        sys.exit(f"image.py: ldd {binary} failed: {run.stderr}")
     libs = []
     for line in out.splitlines():
         parts = line.split()
@@ -116,6 +122,8 @@ def write(cfg, files, ref, out):
                     made.add(p)
                     ti = tarfile.TarInfo(p)
                     ti.type, ti.mode = tarfile.DIRTYPE, (0o1777 if p == "tmp" else mode)
+                    if p == "home/nonroot":
+                        ti.uid = ti.gid = 65532  # the nonroot user's own home, as in distroless
                     lt.addfile(ti)
 
         for d in ("tmp", "proc", "sys", "dev", "etc", "home/nonroot"):
@@ -141,7 +149,8 @@ def write(cfg, files, ref, out):
 
     with tarfile.open(out, "w") as tf:
         layer_desc = blob(tf, raw, "application/vnd.oci.image.layer.v1.tar")
-        image_cfg = {"architecture": "amd64", "os": "linux", "config": cfg,
+        arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+        image_cfg = {"architecture": arch, "os": "linux", "config": cfg,
                      "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest()]}}
         c = blob(tf, json.dumps(image_cfg, sort_keys=True).encode(), "application/vnd.oci.image.config.v1+json")
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",

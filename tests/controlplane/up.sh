@@ -7,7 +7,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${EVENTWORKER_CACHE:-$HOME/.cache/eventworker}"
 bin="$cache/bin"
-dir="${CONTROLPLANE_DIR:-/tmp/eventworker-controlplane}"
+dir=$(realpath -m "${CONTROLPLANE_DIR:-/tmp/eventworker-controlplane}")
 
 kube_version=$(awk '$1 == "k8s.io/kubernetes" {print $2; exit}' "$here/kube/go.mod" | head -1)
 kube_version=${kube_version:-$(grep -o 'k8s.io/kubernetes v[0-9.]*' "$here/kube/go.mod" | head -1 | cut -d' ' -f2)}
@@ -45,6 +45,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 fail() { echo "control plane: $1 did not come up; its log:" >&2; tail -n 60 "$dir/$1.log" >&2; exit 1; }
 
 "$here/down.sh" >/dev/null 2>&1 || true
+# A component that does not come up leaves nothing running behind it.
+trap 'rc=$?; [ "$rc" = 0 ] || "$here/down.sh" >/dev/null 2>&1' EXIT
 rm -rf "$dir"; mkdir -p "$dir/pki"; cd "$dir/pki"
 openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -subj "/CN=eventworker-test-ca" -days 7 2>/dev/null
 cert() { # name subject extensions (X.509 v3: rustls refuses v1 certificates)
@@ -55,6 +57,10 @@ cert() { # name subject extensions (X.509 v3: rustls refuses v1 certificates)
 # With a real node (EW_REAL_NODE=1, inside netns.sh) pods reach the API server through the
 # `kubernetes` Service (10.96.0.1, kube-proxy) at the node's address.
 real_node="${EW_REAL_NODE:-}"
+if [ -n "$real_node" ] && [ "$(readlink /proc/self/ns/net)" = "$(readlink /proc/1/ns/net)" ]; then
+  echo "EW_REAL_NODE=1: run inside tests/controlplane/netns.sh (the node's addresses must not land on the machine's interfaces)" >&2
+  exit 1
+fi
 node_ip="${NODE_IP:-10.245.255.1}"
 sans="IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
 [ -n "$real_node" ] && sans="$sans,IP:10.96.0.1,IP:$node_ip"
@@ -153,5 +159,5 @@ node_env=""
 if [ -n "$real_node" ]; then
   node_env=$(dir="$dir" bin="$bin" kc="$kc" NODE_IP="$node_ip" "$here/node/up.sh") || exit 1
 fi
-echo "export KUBECONFIG=$kc"
+printf 'export KUBECONFIG=%q\n' "$kc"
 [ -z "$node_env" ] || echo "$node_env"

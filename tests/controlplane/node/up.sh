@@ -23,8 +23,11 @@ for p in containerd:containerd runc:runc conntrack:conntrack iptables:iptables; 
   command -v "${p%%:*}" >/dev/null || missing+=("${p#*:}")
 done
 [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+command -v gcc >/dev/null || missing+=(gcc)
+compgen -G "/usr/lib/*/libc.a" >/dev/null || missing+=(libc6-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]}" >&2
+  apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
 fi
 
@@ -39,8 +42,8 @@ ip link show ewnode >/dev/null 2>&1 || ip link add ewnode type dummy 2>/dev/null
 ip addr add "$node_ip/32" dev ewnode 2>/dev/null || true
 ip link set ewnode up
 
-# kubelet changes these global sysctls: ../down.sh puts them back.
-for s in vm.overcommit_memory kernel.panic kernel.panic_on_oops; do echo "$s=$(sysctl -n "$s")"; done > "$state/sysctls.saved"
+# The kubelet changes global sysctls: ../down.sh puts them back.
+"$here/sysctls.sh" save "$state/sysctls.saved"
 
 # The sandbox image: a static pause.
 if [ ! -x "$bin/pause" ] || [ "$here/pause.c" -nt "$bin/pause" ]; then
@@ -55,6 +58,8 @@ state = "$state/containerd/state"
 [grpc]
   address = "$state/containerd.sock"
 [plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "$state/opt"
   [plugins."io.containerd.grpc.v1.cri"]
     sandbox_image = "localhost/pause:local"
     # Root here lacks CAP_SYS_RESOURCE: runc must not raise oom_score_adj.
@@ -68,6 +73,7 @@ state = "$state/containerd/state"
         runtime_type = "io.containerd.runc.v2"
         [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
           SystemdCgroup = false
+          Root = "$state/runc"
 EOF
 cat > "$state/net.d/10-podnet.conflist" <<EOF
 {
@@ -91,14 +97,19 @@ for _ in $(seq 100); do [ -S "$state/containerd.sock" ] && break; sleep 0.1; don
 ctr() { command ctr -a "$state/containerd.sock" -n k8s.io "$@"; }
 ctr images import "$state/images/pause.tar" >/dev/null || fail containerd
 # Images to import (OCI archives from ../image.py), space-separated.
-for img in ${EW_NODE_IMAGES:-}; do
+read -r -a images <<< "${EW_NODE_IMAGES:-}"
+for img in "${images[@]}"; do
   ctr images import "$img" >/dev/null || fail containerd
 done
 
 # The kubelet's cgroup root must exist in every hierarchy (cgroup v1) or once (v2).
-for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
-  [ -e "$h/cgroup.procs" ] && mkdir -p "$h/eventworker-e2e"
-done
+if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+  mkdir -p /sys/fs/cgroup/eventworker-e2e
+else
+  for h in /sys/fs/cgroup/*/; do
+    [ -e "$h/cgroup.procs" ] && mkdir -p "$h/eventworker-e2e"
+  done
+fi
 kubelet_port=$(free_port)
 cat > "$state/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -126,9 +137,10 @@ EOF
   --node-ip "$node_ip" --node-labels "type=real" --root-dir "$state/kubelet" \
   --cert-dir "$state/kubelet/pki" > "$state/kubelet.log" 2>&1 &
 echo $! > "$dir/kubelet.pid"
+proxy_health=$(free_port)
 "$bin/kube-proxy" --kubeconfig "$kc" --hostname-override "$node" --proxy-mode iptables \
   --cluster-cidr 10.245.0.0/16 --conntrack-max-per-core 0 \
-  --metrics-bind-address "127.0.0.1:$(free_port)" --healthz-bind-address "127.0.0.1:$(free_port)" \
+  --metrics-bind-address "127.0.0.1:$(free_port)" --healthz-bind-address "127.0.0.1:$proxy_health" \
   > "$state/kube-proxy.log" 2>&1 &
 echo $! > "$dir/kube-proxy.pid"
 k() { "$bin/kubectl" --kubeconfig "$kc" "$@"; }
@@ -139,7 +151,13 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 ready || fail kubelet
-kill -0 "$(cat "$dir/kube-proxy.pid")" 2>/dev/null || fail kube-proxy
+# kube-proxy's rules are synced once its health check answers (the `kubernetes` Service).
+for _ in $(seq 150); do
+  curl -sf "http://127.0.0.1:$proxy_health/healthz" >/dev/null && break
+  kill -0 "$(cat "$dir/kube-proxy.pid")" 2>/dev/null || fail kube-proxy
+  sleep 0.2
+done
+curl -sf "http://127.0.0.1:$proxy_health/healthz" >/dev/null || fail kube-proxy
 # Workloads land on the real node; tests that need many pods tolerate the kwok node's taint.
 k taint node kwok-node-0 eventworker.io/fake=true:NoSchedule --overwrite >/dev/null
-echo "export EW_NODE_IP=$node_ip EW_NODE_NAME=$node EW_CONTAINERD_SOCK=$state/containerd.sock"
+printf 'export EW_NODE_IP=%q EW_NODE_NAME=%q EW_CONTAINERD_SOCK=%q\n' "$node_ip" "$node" "$state/containerd.sock"
