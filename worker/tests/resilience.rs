@@ -156,7 +156,8 @@ async fn grace_period_expiry_leaves_in_flight_events_pending() {
     assert!(status.success());
     assert_eq!(pending(&mut con, "events:fast", "workers").await, 2, "abandoned events stay pending");
     // Same consumer name on restart: its own pending list is re-read.
-    let _w2 = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast")]);
+    let w2 = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast")]);
+    w2.wait_ready().await;
     wait_until("redelivered from the pending list", T, || async { sink.posts("/e").len() == 4 }).await;
     check_all_delivered(&sink, "g", 2);
 }

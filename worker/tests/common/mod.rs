@@ -17,8 +17,38 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use redis::aio::MultiplexedConnection;
 
+/// A port nobody listens on, for a server a test starts. Picked below the kernel's
+/// ephemeral range (32768 and up), where the many outgoing connections of a load test take
+/// their ports, and never handed out twice by this process: port 0 would give each caller
+/// a port that is free *now*, which a parallel test or an outgoing connection can take
+/// before the server binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static USED: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    if STATE.load(Relaxed) == 0 {
+        let seed = unix_now().to_bits() ^ ((std::process::id() as u64) << 32) | 1;
+        let _ = STATE.compare_exchange(0, seed, Relaxed, Relaxed);
+    }
+    loop {
+        // xorshift64: no dependency, good enough to spread the picks.
+        let mut x = STATE.load(Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        STATE.store(x, Relaxed);
+        let port = 12_000 + (x % 20_000) as u16;
+        let mut used = USED.lock().unwrap();
+        let used = used.get_or_insert_with(Default::default);
+        if used.contains(&port) {
+            continue;
+        }
+        // Free on every address (a server may bind 0.0.0.0).
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            used.insert(port);
+            return port;
+        }
+    }
 }
 
 pub fn unix_now() -> f64 {
