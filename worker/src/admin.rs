@@ -87,10 +87,8 @@ pub struct AdminState {
     /// `ADMIN_TOKEN`: required by the dead-letter endpoints. Without it `/dlq` and
     /// `/dlq/replay` are disabled and `/reprocess-dlq` is open, as the original's was.
     pub token: Option<String>,
-    /// Where replayed rows without a recorded (configured) stream go.
-    pub default_stream: String,
-    /// The worker's stream keys: the only places replays go.
-    pub streams: Vec<String>,
+    /// Where replays may go: the worker's own streams.
+    pub targets: Targets,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -161,8 +159,7 @@ async fn dlq_list(
 async fn run_replay(s: &AdminState, q: &FilterQuery) -> Result<ReplayReport, ApiError> {
     let filter = filter_of(q)?;
     let redis = s.redis.clone().ok_or_else(|| api_error(StatusCode::SERVICE_UNAVAILABLE, "no redis connection"))?;
-    let targets = Targets { streams: s.streams.clone(), default: s.default_stream.clone() };
-    let report = replay(s.dlq.as_deref(), &redis, &filter, &q.options(), &targets, |_| {}).await.map_err(|e| {
+    let report = replay(s.dlq.as_deref(), &redis, &filter, &q.options(), &s.targets, |_| {}).await.map_err(|e| {
         let code = if matches!(e, crate::Error::Invalid(_)) {
             StatusCode::BAD_REQUEST
         } else {
@@ -266,8 +263,7 @@ mod tests {
             redis: None,
             dlq: None,
             token: Some("s3cret".into()),
-            default_stream: "events:default".into(),
-            streams: vec!["events:fast".into()],
+            targets: Targets { streams: vec!["events:fast".into()], default: "events:fast".into() },
         }
     }
 

@@ -227,13 +227,13 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
 
 async fn ack_loop(w: Arc<Worker>, key: String, mut rx: mpsc::Receiver<Ack>, acking: Arc<Mutex<HashSet<String>>>) {
     let mut batch = Vec::with_capacity(ACK_BATCH);
+    let set = crate::dlq::outbox::cleanup_key(&w.cfg.group);
     while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
         let ids: Vec<String> = batch.iter().map(|a| a.id.clone()).collect();
         let counters: Vec<String> = batch.iter().filter_map(|a| a.counter.clone()).collect();
         let rows: Vec<String> = batch.iter().filter_map(|a| a.cleanup.clone()).collect();
         let (group, delete) = (&w.cfg.group, w.cfg.delete_on_ack);
         let (ids_ref, counters_ref, key_ref, rows_ref) = (&ids, &counters, &key, &rows);
-        let set = crate::dlq::outbox::cleanup_key(group);
         let set = &set;
         let done = w
             .redis_retry("ack", |mut con| async move {

@@ -125,8 +125,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
             _ => None,
         },
         token: cfg.admin_token.clone(),
-        default_stream: dlq::cli::default_stream(&cfg),
-        streams: cfg.streams.iter().map(|s| config::stream_key(s)).collect(),
+        targets: dlq::cli::targets(&cfg),
     });
     let admin = tokio::spawn({
         let stop = admin_stop.clone();

@@ -476,26 +476,18 @@ async fn hold_scripts_are_safe_to_run_twice() {
     assert_eq!(xlen(&mut con, "events:retry").await, 1, "one retry entry, not two");
     // Two events wait behind it.
     let keys = HoldKeys::new("g", "events:fast", "k");
-    let _: String = redis::cmd("XADD")
-        .arg(&keys.back)
-        .arg("*")
-        .arg("meta")
-        .arg("{}")
-        .arg("payload")
-        .arg("w1")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let _: String = redis::cmd("XADD")
-        .arg(&keys.back)
-        .arg("*")
-        .arg("meta")
-        .arg("{}")
-        .arg("payload")
-        .arg("w2")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    for payload in ["w1", "w2"] {
+        let _: String = redis::cmd("XADD")
+            .arg(&keys.back)
+            .arg("*")
+            .arg("meta")
+            .arg("{}")
+            .arg("payload")
+            .arg(payload)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
     // Event b holds the key now (as if it were a's retry coming back) and is delivered: twice.
     let _: () = redis::cmd("HSET").arg(&held).arg("k").arg("t2 1 0").query_async(&mut con).await.unwrap();
     let before = xlen(&mut con, "events:fast").await;
