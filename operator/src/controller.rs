@@ -1,8 +1,8 @@
 //! Context, reconcile, error_policy, run: EventWorker in, children applied with server-side
 //! apply (one field manager), status patched.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -20,11 +20,12 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
 
-use crate::crd::EventWorker;
+use crate::crd::{AutoscalingMode, AutoscalingSpec, EventWorker, StreamStatus};
 use crate::metrics::Metrics;
 use crate::resources::deployment::{secret_refs, SecretData};
-use crate::resources::{self, service_monitor, MANAGER};
-use crate::status::{self, Observed};
+use crate::resources::{self, keda, service_monitor, MANAGER};
+use crate::scaler::{Load, Policy, Scaler, StreamLoad};
+use crate::status::{self, Observed, Scaling};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -57,6 +58,8 @@ pub struct Context {
     pub redis_timeout: Duration,
     /// How often a healthy EventWorker is looked at again (lag, readiness).
     pub resync: Duration,
+    /// The built-in autoscaler's memory, per EventWorker uid.
+    pub scalers: Mutex<HashMap<String, Scaler>>,
 }
 
 impl Context {
@@ -65,7 +68,14 @@ impl Context {
             client.clone(),
             Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
         );
-        Self { client, recorder, metrics, redis_timeout: Duration::from_secs(3), resync: Duration::from_secs(30) }
+        Self {
+            client,
+            recorder,
+            metrics,
+            redis_timeout: Duration::from_secs(3),
+            resync: Duration::from_secs(30),
+            scalers: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -168,8 +178,21 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     let (secrets, missing) = read_secrets(ctx, ew, &ns).await?;
     let pp = apply_params();
 
+    // The backlog first: with autoscaling it decides the replica count.
+    let url = status::redis_url(ew, &secrets);
+    let names: Vec<String> = ew.spec.streams.iter().map(|s| s.name.clone()).collect();
+    let read = status::read_backlog(&url, &names, &ew.spec.group, ctx.redis_timeout).await;
+
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let desired = resources::deployment::deployment(ew, &secrets);
+    let (replicas, mut scaling) = match &ew.spec.autoscaling {
+        None => (Some(ew.spec.replicas), None),
+        Some(a) if a.mode == AutoscalingMode::Keda => (None, None),
+        Some(a) => {
+            let (n, sc) = scale_builtin(ctx, ew, a, &deployments, &read).await?;
+            (Some(n), Some(sc))
+        }
+    };
+    let desired = resources::deployment::deployment(ew, &secrets, replicas);
     let applied = deployments.patch(&name, &pp, &Patch::Apply(&desired)).await?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     services.patch(&name, &pp, &Patch::Apply(&resources::service::service(ew))).await?;
@@ -199,9 +222,22 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
         );
     }
 
-    let url = status::redis_url(ew, &secrets);
-    let names: Vec<String> = ew.spec.streams.iter().map(|s| s.name.clone()).collect();
-    obs.redis = status::read_lag(&url, &names, &ew.spec.group, ctx.redis_timeout).await;
+    let keda_installed = crd_installed(&ctx.client, keda::SCALED_OBJECT_CRD).await?;
+    if keda_installed {
+        apply_keda(ctx, ew, &ns).await?;
+    }
+    if let Some(a) = ew.spec.autoscaling.as_ref().filter(|a| a.mode == AutoscalingMode::Keda) {
+        scaling = Some(keda_scaling(ew, a, keda_installed, applied.spec.as_ref().and_then(|s| s.replicas)));
+    }
+    obs.scaling = scaling;
+
+    match read {
+        Ok((streams, scheduled)) => {
+            obs.redis = Ok(streams);
+            obs.scheduled = scheduled;
+        }
+        Err(e) => obs.redis = Err(e),
+    }
     // Ready says RedisUnreachable whenever Redis is (Degraded may name a weightier reason).
     let was_degraded_by_redis = ew
         .status
@@ -217,7 +253,7 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
         }
         _ => {}
     }
-    let new_status = status::build(ew, &obs, resources::selector_string(ew), &now());
+    let new_status = status::build(ew, &obs, resources::selector_string(ew), &now_string());
     if ew.status.as_ref().map(|s| s.observed_generation) != Some(ew.metadata.generation) {
         publish(
             ctx,
@@ -233,7 +269,111 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
         .await;
     }
     patch_status(ctx, ew, &ns, serde_json::to_value(&new_status)?).await?;
-    Ok(Action::requeue(ctx.resync))
+    // The built-in autoscaler reads the backlog every poll interval.
+    let every = match &ew.spec.autoscaling {
+        Some(a) if a.mode == AutoscalingMode::Builtin => a.poll_interval().min(ctx.resync),
+        _ => ctx.resync,
+    };
+    Ok(Action::requeue(every))
+}
+
+/// The built-in autoscaler's decision: the replicas to apply, and what to report.
+async fn scale_builtin(
+    ctx: &Context,
+    ew: &EventWorker,
+    a: &AutoscalingSpec,
+    deployments: &Api<Deployment>,
+    read: &Result<(Vec<StreamStatus>, i64), String>,
+) -> Result<(i32, Scaling)> {
+    let name = ew.name_any();
+    let existing = deployments.get_opt(&name).await?;
+    let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(a.min_replicas);
+    let load = read.as_ref().ok().map(|(streams, scheduled)| Load {
+        streams: ew
+            .spec
+            .streams
+            .iter()
+            .zip(streams)
+            .map(|(spec, st)| StreamLoad {
+                backlog: st.backlog,
+                weight: spec.autoscaling_weight.unwrap_or(1.0),
+                oldest_age: st.oldest_age_seconds,
+            })
+            .collect(),
+        scheduled: *scheduled,
+    });
+    let policy = Policy::from_spec(a);
+    let now = tokio::time::Instant::now();
+    let key = ew.uid().unwrap_or_else(|| name.clone());
+    let d = {
+        let mut scalers = ctx.scalers.lock().unwrap_or_else(|e| e.into_inner());
+        scalers.entry(key).or_insert_with(|| Scaler::new(now, current)).decide(&policy, load.as_ref(), current, now)
+    };
+    let previous = ew.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+    let mut last_scale = previous.and_then(|p| Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?)));
+    if existing.is_some() && d.replicas != current {
+        let why = format!("{current} -> {}: {}", d.replicas, d.reason);
+        tracing::info!(name = %name, from = current, to = d.replicas, reason = %d.reason, "scaling");
+        let verb = if d.replicas > current { "ScaledUp" } else { "ScaledDown" };
+        publish(ctx, ew, EventType::Normal, verb, why.clone(), "Scale").await;
+        last_scale = Some((now_string(), why));
+    }
+    let active = if d.active {
+        (true, "ValidBacklog", format!("{}; recommending {}", d.reason, d.recommended))
+    } else {
+        (false, "BacklogUnavailable", d.reason.clone())
+    };
+    let limited = match &d.limited {
+        Some(l) => (true, l.reason(), format!("recommended {}, applying {}", d.recommended, d.replicas)),
+        None => (false, "DesiredWithinRange", format!("{} replicas", d.replicas)),
+    };
+    Ok((d.replicas, Scaling { mode: "builtin", active, limited, desired: Some(d.replicas), last_scale }))
+}
+
+/// What KEDA mode looks like from here: whether the ScaledObject could be applied.
+fn keda_scaling(ew: &EventWorker, a: &AutoscalingSpec, installed: bool, replicas: Option<i32>) -> Scaling {
+    let active = if installed {
+        (true, "KedaScaledObject", format!("ScaledObject {} scales the Deployment", ew.name_any()))
+    } else {
+        (
+            false,
+            "KedaNotInstalled",
+            format!(
+                "autoscaling.mode is keda but KEDA's CRD {} is not installed: the replica count is left as it is",
+                keda::SCALED_OBJECT_CRD
+            ),
+        )
+    };
+    let limited = match replicas {
+        Some(r) if r >= a.max_replicas => (true, "TooManyReplicas", format!("at maxReplicas {}", a.max_replicas)),
+        Some(r) if r <= a.min_replicas => (true, "TooFewReplicas", format!("at minReplicas {}", a.min_replicas)),
+        _ => (false, "DesiredWithinRange", String::new()),
+    };
+    let last_scale = ew.status.as_ref().and_then(|s| s.autoscaling.as_ref()).and_then(|p| {
+        Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?))
+    });
+    Scaling { mode: "keda", active, limited, desired: None, last_scale }
+}
+
+/// Apply (keda mode) or remove (any other) the ScaledObject and its TriggerAuthentication.
+async fn apply_keda(ctx: &Context, ew: &EventWorker, ns: &str) -> Result<()> {
+    let pp = apply_params();
+    let name = ew.name_any();
+    let sos: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &keda::scaled_object_resource());
+    let tas: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &keda::trigger_auth_resource());
+    match keda::trigger_authentication(ew) {
+        Some(t) => {
+            tas.patch(&keda::trigger_auth_name(ew), &pp, &Patch::Apply(&t)).await?;
+        }
+        None => delete_owned(&tas, &keda::trigger_auth_name(ew), ew).await?,
+    }
+    match keda::scaled_object(ew) {
+        Some(so) => {
+            sos.patch(&name, &pp, &Patch::Apply(&so)).await?;
+        }
+        None => delete_owned(&sos, &name, ew).await?,
+    }
+    Ok(())
 }
 
 async fn patch_status(ctx: &Context, ew: &EventWorker, ns: &str, status: serde_json::Value) -> Result<()> {
@@ -247,7 +387,7 @@ async fn patch_status(ctx: &Context, ew: &EventWorker, ns: &str, status: serde_j
 }
 
 async fn patch_invalid_status(ctx: &Context, ew: &EventWorker, ns: &str, why: &str) -> Result<()> {
-    let cond = |t: &str, s: &str, r: &str| json!({"type": t, "status": s, "reason": r, "message": why, "lastTransitionTime": now(), "observedGeneration": ew.metadata.generation});
+    let cond = |t: &str, s: &str, r: &str| json!({"type": t, "status": s, "reason": r, "message": why, "lastTransitionTime": now_string(), "observedGeneration": ew.metadata.generation});
     patch_status(
         ctx,
         ew,
@@ -274,7 +414,7 @@ where
     Ok(())
 }
 
-fn now() -> String {
+fn now_string() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
 

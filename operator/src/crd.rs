@@ -31,7 +31,9 @@ pub const DEFAULT_IMAGE: &str = concat!("eventworker:", env!("CARGO_PKG_VERSION"
     ),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.totalLag"),
+    printcolumn(name = "Backlog", type_ = "integer", json_path = ".status.totalBacklog"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.autoscaling.desiredReplicas", priority = 1),
+    printcolumn(name = "Oldest", type_ = "number", json_path = ".status.oldestAgeSeconds", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     doc = "An eventworker deployment: Redis streams delivered to an HTTP target"
 )]
@@ -92,7 +94,9 @@ pub struct EventWorkerSpec {
     /// Image pull policy (Always, IfNotPresent, Never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<String>,
-    /// Number of worker pods (ignored while autoscaling is enabled).
+    /// Number of worker pods (not applied while `autoscaling` is set: the autoscaler owns
+    /// the count). `kubectl scale` and a HorizontalPodAutoscaler (`kubectl autoscale ew`)
+    /// set it through the scale subresource.
     #[serde(default = "default_replicas")]
     #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
     pub replicas: i32,
@@ -165,6 +169,11 @@ pub struct StreamSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0").message("streams[].priority must not be negative"))]
     pub priority: Option<i32>,
+    /// How much this stream's backlog counts for autoscaling (builtin and keda modes):
+    /// with weight 4 on `critical`, 100 waiting critical events count as 400. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("streams[].autoscalingWeight must be greater than 0"))]
+    pub autoscaling_weight: Option<f64>,
 }
 
 impl StreamSpec {
@@ -452,33 +461,57 @@ pub struct DisruptionBudgetSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum AutoscalingMode {
-    /// The operator scales from the lag it reads.
+    /// The operator scales the Deployment from the backlog it reads (no other component).
     #[default]
     Builtin,
-    /// A KEDA ScaledObject with redis-streams triggers.
+    /// A KEDA ScaledObject (redis-streams triggers) scales the Deployment; needs KEDA.
     Keda,
-    /// A HorizontalPodAutoscaler on the lag metric.
-    Hpa,
 }
 
-/// Scaling on stream lag.
+/// Scaling on the streams' backlog (undelivered + pending entries, see the README).
+/// While set, the worker Deployment's replica count belongs to the autoscaler and
+/// `spec.replicas` is not applied.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
-    /// Fewest pods.
+    /// Fewest pods; 0 scales to zero when there is no backlog and no scheduled retry, and
+    /// wakes on the first event.
     #[serde(default = "default_replicas")]
     #[x_kube(validation = Rule::new("self >= 0").message("autoscaling.minReplicas must not be negative"))]
     pub min_replicas: i32,
     /// Most pods.
     #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.maxReplicas must be at least 1"))]
     pub max_replicas: i32,
-    /// Lag (undelivered entries) one pod is expected to absorb.
+    /// Backlog (weighted undelivered + pending entries) one pod is expected to absorb:
+    /// desired pods = ceil(weighted backlog / targetLagPerReplica).
     #[serde(default = "default_target_lag")]
     #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.targetLagPerReplica must be at least 1"))]
     pub target_lag_per_replica: i64,
-    /// builtin, keda or hpa.
+    /// Scale up while the oldest event in the backlog has waited longer than this many
+    /// seconds, whatever the count (builtin mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1.0").message("autoscaling.targetOldestAgeSeconds must be at least 1"))]
+    pub target_oldest_age_seconds: Option<f64>,
+    /// Seconds between two reads of the backlog (builtin: by the operator; keda: KEDA's
+    /// pollingInterval). Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 300").message("autoscaling.pollIntervalSeconds must be between 1 and 300"))]
+    pub poll_interval_seconds: Option<i32>,
+    /// Scale-up and scale-down speed, as a HorizontalPodAutoscaler's `behavior`
+    /// (stabilization windows, policies, selectPolicy); the HPA's defaults when unset: up
+    /// at once by max(4 pods, 100%) per 15 s, down by up to 100% per 15 s after a 300 s
+    /// window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior: Option<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior>,
+    /// builtin (default) or keda.
     #[serde(default)]
     pub mode: AutoscalingMode,
+}
+
+impl AutoscalingSpec {
+    pub fn poll_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.poll_interval_seconds.unwrap_or(10).clamp(1, 300) as u64)
+    }
 }
 
 /// What the operator observed.
@@ -503,9 +536,38 @@ pub struct EventWorkerStatus {
     /// Per-stream backlog read from Redis.
     #[serde(default)]
     pub streams: Vec<StreamStatus>,
-    /// Sum of the streams' lag.
+    /// Sum of the streams' undelivered entries.
     #[serde(default)]
     pub total_lag: i64,
+    /// Sum of the streams' backlog (undelivered + pending).
+    #[serde(default)]
+    pub total_backlog: i64,
+    /// Age in seconds of the oldest event in any stream's backlog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_age_seconds: Option<f64>,
+    /// Retries scheduled for later on this Redis (all streams; not backlog until due).
+    #[serde(default)]
+    pub scheduled_retries: i64,
+    /// What the autoscaler did last (when autoscaling is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// The autoscaler's view.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// builtin or keda.
+    pub mode: String,
+    /// Pods the autoscaler wants now (builtin), after windows and step limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// When the replica count last changed (builtin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
+    /// Why it last changed, e.g. "backlog 5200 (weighted) / 1000 per pod: 2 -> 6".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -538,8 +600,22 @@ pub struct StreamStatus {
     pub length: i64,
     /// Delivered to the group, not acknowledged.
     pub pending: i64,
-    /// Not yet delivered to the group.
+    /// Not yet read by the group (undelivered).
     pub lag: i64,
+    /// Undelivered + pending: the work left.
+    #[serde(default)]
+    pub backlog: i64,
+    /// Age in seconds of the oldest entry in the backlog.
+    #[serde(default)]
+    pub oldest_age_seconds: f64,
+    /// False when the undelivered count is a lower bound (Redis lost the group's lag and
+    /// more entries than the counting cap wait).
+    #[serde(default = "yes")]
+    pub exact: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_streams() -> Vec<StreamSpec> {
@@ -577,7 +653,7 @@ mod tests {
         let v = &crd.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");
         let cols: Vec<_> = v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(cols, ["Ready", "Replicas", "Lag", "Age"]);
+        assert_eq!(cols, ["Ready", "Replicas", "Backlog", "Desired", "Oldest", "Age"]);
         let sub = v.subresources.as_ref().unwrap();
         assert!(sub.status.is_some());
         assert_eq!(sub.scale.as_ref().unwrap().spec_replicas_path, ".spec.replicas");

@@ -6,6 +6,7 @@ pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod resources;
+pub mod scaler;
 pub mod status;
 
 pub use crd::{EventWorker, EventWorkerSpec, EventWorkerStatus};

@@ -1,11 +1,12 @@
-//! Status from what was applied and observed: conditions Ready / Progressing / Degraded,
-//! replicas, and per-stream lag read from Redis.
+//! Status from what was applied and observed: conditions Ready / Progressing / Degraded
+//! (and ScalingActive / ScalingLimited with autoscaling), replicas, and each stream's
+//! backlog read from Redis (crate `backlog`, the definition the workers' gauges use).
 
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 
-use crate::crd::{Condition, EventWorker, EventWorkerStatus, StreamStatus};
+use crate::crd::{AutoscalingStatus, Condition, EventWorker, EventWorkerStatus, StreamStatus};
 use crate::resources::deployment::SecretData;
 
 /// What the reconciler found, to be turned into a status.
@@ -24,6 +25,23 @@ pub struct Observed {
     pub missing_secrets: Vec<String>,
     /// Why a requested ServiceMonitor was not created.
     pub service_monitor_skipped: Option<String>,
+    /// Retries scheduled for later on this Redis.
+    pub scheduled: i64,
+    /// The autoscaler's state, when `spec.autoscaling` is set.
+    pub scaling: Option<Scaling>,
+}
+
+/// What the autoscaler did, for the status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scaling {
+    pub mode: &'static str,
+    /// ScalingActive: (status, reason, message).
+    pub active: (bool, &'static str, String),
+    /// ScalingLimited: (status, reason, message).
+    pub limited: (bool, &'static str, String),
+    pub desired: Option<i32>,
+    /// Time and reason of the last change (carried over when nothing changed).
+    pub last_scale: Option<(String, String)>,
 }
 
 impl Default for Observed {
@@ -37,6 +55,8 @@ impl Default for Observed {
             redis: Ok(vec![]),
             missing_secrets: vec![],
             service_monitor_skipped: None,
+            scheduled: 0,
+            scaling: None,
         }
     }
 }
@@ -52,9 +72,7 @@ impl Observed {
             ready: st.ready_replicas.unwrap_or(0),
             available: st.available_replicas.unwrap_or(0),
             deployment_current: st.observed_generation.unwrap_or(0) >= generation,
-            redis: Ok(vec![]),
-            missing_secrets: vec![],
-            service_monitor_skipped: None,
+            ..Default::default()
         }
     }
 }
@@ -104,8 +122,15 @@ pub fn build(ew: &EventWorker, obs: &Observed, selector: String, now: &str) -> E
     } else {
         condition("Ready", true, "AllReplicasReady", format!("{}/{} pods ready", obs.ready, obs.desired), generation)
     };
+    let mut conditions = vec![ready, progressing, degraded];
+    if let Some(sc) = &obs.scaling {
+        let (ok, reason, msg) = &sc.active;
+        conditions.push(condition("ScalingActive", *ok, reason, msg.clone(), generation));
+        let (ok, reason, msg) = &sc.limited;
+        conditions.push(condition("ScalingLimited", *ok, reason, msg.clone(), generation));
+    }
     let previous = ew.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
-    let conditions = [ready, progressing, degraded]
+    let conditions = conditions
         .into_iter()
         .map(|mut c| {
             c.last_transition_time = previous
@@ -117,6 +142,7 @@ pub fn build(ew: &EventWorker, obs: &Observed, selector: String, now: &str) -> E
         })
         .collect();
     let streams = obs.redis.clone().unwrap_or_default();
+    let oldest = streams.iter().filter(|s| s.backlog > 0).map(|s| s.oldest_age_seconds).fold(0.0, f64::max);
     EventWorkerStatus {
         observed_generation: generation,
         conditions,
@@ -124,6 +150,15 @@ pub fn build(ew: &EventWorker, obs: &Observed, selector: String, now: &str) -> E
         ready_replicas: obs.ready,
         selector,
         total_lag: streams.iter().map(|s| s.lag).sum(),
+        total_backlog: streams.iter().map(|s| s.backlog).sum(),
+        oldest_age_seconds: obs.redis.is_ok().then_some(oldest),
+        scheduled_retries: obs.scheduled,
+        autoscaling: obs.scaling.as_ref().map(|sc| AutoscalingStatus {
+            mode: sc.mode.into(),
+            desired_replicas: sc.desired,
+            last_scale_time: sc.last_scale.as_ref().map(|l| l.0.clone()),
+            last_scale_reason: sc.last_scale.as_ref().map(|l| l.1.clone()),
+        }),
         streams,
     }
 }
@@ -157,55 +192,38 @@ pub fn redis_url(ew: &EventWorker, secrets: &SecretData) -> String {
     }
 }
 
-/// Length, pending and lag of each stream for the EventWorker's group, within `timeout`.
-pub async fn read_lag(
+/// Each stream's backlog for the EventWorker's group, and the retries scheduled, within
+/// `timeout`.
+pub async fn read_backlog(
     url: &str,
     streams: &[String],
     group: &str,
     timeout: Duration,
-) -> Result<Vec<StreamStatus>, String> {
+) -> Result<(Vec<StreamStatus>, i64), String> {
     let work = async {
         let client = redis::Client::open(url).map_err(|e| format!("redis URL: {e}"))?;
         let mut con = client.get_multiplexed_async_connection().await.map_err(|e| format!("redis unreachable: {e}"))?;
+        let now = backlog::now_unix_ms();
         let mut out = Vec::new();
         for s in streams {
             let key = format!("events:{s}");
-            let length: i64 =
-                redis::cmd("XLEN").arg(&key).query_async(&mut con).await.map_err(|e| format!("XLEN {key}: {e}"))?;
-            let groups: redis::RedisResult<Vec<redis::Value>> =
-                redis::cmd("XINFO").arg("GROUPS").arg(&key).query_async(&mut con).await;
-            let (mut pending, mut lag) = (0, length);
-            for g in groups.unwrap_or_default() {
-                let fields = pairs(g);
-                if fields.iter().any(|(k, v)| k == "name" && v == group) {
-                    pending =
-                        fields.iter().find(|(k, _)| k == "pending").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
-                    lag = fields.iter().find(|(k, _)| k == "lag").and_then(|(_, v)| v.parse().ok()).unwrap_or(length);
-                }
-            }
-            out.push(StreamStatus { name: key, length, pending, lag });
+            let b = backlog::read(&mut con, &key, group).await.map_err(|e| format!("backlog of {key}: {e}"))?;
+            out.push(StreamStatus {
+                length: b.length,
+                pending: b.pending,
+                lag: b.undelivered,
+                backlog: b.total(),
+                oldest_age_seconds: (b.oldest_age_secs(now) * 10.0).round() / 10.0,
+                exact: b.exact,
+                name: key,
+            });
         }
-        Ok(out)
+        let scheduled = backlog::scheduled(&mut con).await.map_err(|e| format!("scheduled retries: {e}"))?;
+        Ok((out, scheduled))
     };
     tokio::time::timeout(timeout, work)
         .await
         .unwrap_or_else(|_| Err(format!("redis did not answer within {timeout:?}")))
-}
-
-fn pairs(v: redis::Value) -> Vec<(String, String)> {
-    let text = |v: &redis::Value| match v {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        redis::Value::SimpleString(s) => s.clone(),
-        redis::Value::Int(i) => i.to_string(),
-        _ => String::new(),
-    };
-    match v {
-        redis::Value::Array(items) => {
-            items.chunks(2).filter(|c| c.len() == 2).map(|c| (text(&c[0]), text(&c[1]))).collect()
-        }
-        redis::Value::Map(m) => m.iter().map(|(k, v)| (text(k), text(v))).collect(),
-        _ => vec![],
-    }
 }
 
 #[cfg(test)]
@@ -226,7 +244,14 @@ mod tests {
             ready: 2,
             available: 2,
             deployment_current: true,
-            redis: Ok(vec![StreamStatus { name: "events:fast".into(), length: 10, pending: 2, lag: 8 }]),
+            redis: Ok(vec![StreamStatus {
+                name: "events:fast".into(),
+                length: 10,
+                pending: 2,
+                lag: 8,
+                backlog: 10,
+                ..Default::default()
+            }]),
             ..Default::default()
         };
         let s = build(&w, &obs, "sel".into(), "2026-01-01T00:00:00Z");

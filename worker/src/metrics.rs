@@ -32,7 +32,9 @@ pub struct Metrics {
     pub stream_length: IntGaugeVec,
     pub stream_pending: IntGaugeVec,
     pub stream_lag: IntGaugeVec,
+    pub stream_backlog: IntGaugeVec,
     pub oldest_pending_age: GaugeVec,
+    pub oldest_age: GaugeVec,
     pub host_circuit_open: IntGaugeVec,
     pub host_limit: IntGaugeVec,
     pub host_in_flight: IntGaugeVec,
@@ -144,7 +146,20 @@ impl Metrics {
             in_flight: gauge("events_in_flight", "Events read and not yet finished", &["stream"]),
             stream_length: gauge("stream_length", "XLEN of the stream", &["stream"]),
             stream_pending: gauge("stream_pending", "Entries delivered to the group and not acknowledged", &["stream"]),
-            stream_lag: gauge("stream_lag", "Entries not yet delivered to the group", &["stream"]),
+            stream_lag: gauge("stream_lag", "Entries the group has not read yet (undelivered)", &["stream"]),
+            stream_backlog: gauge(
+                "stream_backlog",
+                "Undelivered plus pending entries: the work left (the autoscaling signal)",
+                &["stream"],
+            ),
+            oldest_age: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new("stream_oldest_age_seconds", "Age of the oldest entry in the backlog (pending or undelivered)"),
+                    &["stream"],
+                )
+                .expect("valid metric"),
+            ),
             oldest_pending_age: reg(
                 &r,
                 GaugeVec::new(

@@ -1,4 +1,5 @@
-//! Refreshes the stream gauges (length, pending, lag, oldest pending age, scheduled retries).
+//! Refreshes the stream gauges (length, pending, lag, backlog, oldest ages, scheduled
+//! retries), from the backlog definition the operator scales on (crate `backlog`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -6,7 +7,6 @@ use std::time::Duration;
 
 use crate::config::stream_key;
 use crate::consumer::Worker;
-use crate::event::now_unix;
 use crate::streams;
 
 pub const INTERVAL: Duration = Duration::from_secs(5);
@@ -37,16 +37,18 @@ async fn refresh(w: &Worker) {
     let mut ok = true;
     for name in &w.cfg.streams {
         let key = stream_key(name);
-        match streams::stats(&mut con, &key, &w.cfg.group).await {
-            Ok(s) => {
+        match backlog::read(&mut con, &key, &w.cfg.group).await {
+            Ok(b) if !b.group_exists => w.health.set_group(&key, false),
+            Ok(b) => {
                 let m = &w.metrics;
-                m.stream_length.with_label_values(&[&key]).set(s.length);
-                m.stream_pending.with_label_values(&[&key]).set(s.pending);
-                m.stream_lag.with_label_values(&[&key]).set(s.lag);
-                let age = s.oldest_pending_ms.map(|ms| (now_unix() - ms as f64 / 1000.0).max(0.0)).unwrap_or(0.0);
-                m.oldest_pending_age.with_label_values(&[&key]).set(age);
+                let now = backlog::now_unix_ms();
+                m.stream_length.with_label_values(&[&key]).set(b.length);
+                m.stream_pending.with_label_values(&[&key]).set(b.pending);
+                m.stream_lag.with_label_values(&[&key]).set(b.undelivered);
+                m.stream_backlog.with_label_values(&[&key]).set(b.total());
+                m.oldest_age.with_label_values(&[&key]).set(b.oldest_age_secs(now));
+                m.oldest_pending_age.with_label_values(&[&key]).set(b.oldest_pending_age_secs(now));
             }
-            Err(crate::Error::Redis(e)) if streams::is_nogroup(&e) => w.health.set_group(&key, false),
             Err(e) => {
                 ok = false;
                 tracing::debug!(error = %e, stream = %key, "stream statistics unavailable");

@@ -545,47 +545,6 @@ impl Scripts {
     }
 }
 
-/// Group statistics of one stream, for the gauges.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct StreamStats {
-    pub length: i64,
-    pub pending: i64,
-    pub lag: i64,
-    pub oldest_pending_ms: Option<u64>,
-}
-
-pub async fn stats(con: &mut ConnectionManager, key: &str, group: &str) -> Result<StreamStats> {
-    let (length, groups, pending): (i64, Value, Value) = redis::pipe()
-        .cmd("XLEN")
-        .arg(key)
-        .cmd("XINFO")
-        .arg("GROUPS")
-        .arg(key)
-        .cmd("XPENDING")
-        .arg(key)
-        .arg(group)
-        .query_async(con)
-        .await?;
-    let mut s = StreamStats { length, ..Default::default() };
-    if let Value::Array(groups) = groups {
-        for g in groups {
-            let fields = pairs(g);
-            let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-            if get("name").and_then(as_string).as_deref() != Some(group) {
-                continue;
-            }
-            s.pending = get("pending").and_then(as_i64).unwrap_or(0);
-            s.lag = get("lag").and_then(as_i64).unwrap_or(0);
-        }
-    }
-    if let Value::Array(p) = pending {
-        if p.len() >= 2 {
-            s.oldest_pending_ms = as_string(&p[1]).as_deref().and_then(crate::event::entry_millis);
-        }
-    }
-    Ok(s)
-}
-
 /// One consumer of a group, from XINFO CONSUMERS.
 #[derive(Debug, Clone)]
 pub struct ConsumerInfo {

@@ -256,7 +256,9 @@ fn probe(path: &str, period: i32) -> Probe {
     }
 }
 
-pub fn deployment(ew: &EventWorker, secrets: &SecretData) -> Deployment {
+/// The worker Deployment. `replicas` is None when another component owns the count (KEDA's
+/// HPA): leaving the field out of the apply leaves it to that owner.
+pub fn deployment(ew: &EventWorker, secrets: &SecretData, replicas: Option<i32>) -> Deployment {
     let spec = &ew.spec;
     let mut env = worker_env(spec);
     // The admin API always needs a token (see `admin_secret.rs`).
@@ -293,9 +295,7 @@ pub fn deployment(ew: &EventWorker, secrets: &SecretData) -> Deployment {
     Deployment {
         metadata: child_meta(ew),
         spec: Some(DeploymentSpec {
-            // Autoscaling is not implemented yet: the replica count stays the spec's (leaving it
-            // out would let the API server reset it to 1).
-            replicas: Some(spec.replicas),
+            replicas,
             selector: LabelSelector { match_labels: Some(selector_labels(ew)), match_expressions: None },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
@@ -366,7 +366,7 @@ mod tests {
         s["deadLetter"] = json!({"mode": "sql", "sql": {"connectionSecretRef": {"name": "db", "key": "url"}, "table": "failed", "eventTable": "outbox", "tableMode": "outbox"}});
         s["admin"] = json!({"tokenSecretRef": {"name": "ops", "key": "admin"}});
         s["ordering"] = "stream".into();
-        let d = deployment(&ew(s), &SecretData::new());
+        let d = deployment(&ew(s), &SecretData::new(), Some(1));
         let env = env_map(&d);
         assert_eq!(value(&env, "REDIS_URL").as_deref(), Some("rediss://redis.shop:6380"));
         assert_eq!(value(&env, "STREAMS").as_deref(), Some("fast,slow"));
@@ -413,7 +413,7 @@ mod tests {
         });
         s["retry"] = json!({"hostBackoffSeconds": 0.5, "hostBackoffMaxSeconds": 30});
         s["orderingLeaseSeconds"] = json!(10);
-        let env = env_map(&deployment(&ew(s), &SecretData::new()));
+        let env = env_map(&deployment(&ew(s), &SecretData::new(), Some(1)));
         for (var, want) in [
             ("HOST_MAX_CONCURRENCY", "16"),
             ("HOST_INITIAL_CONCURRENCY", "2"),
@@ -429,13 +429,13 @@ mod tests {
             assert_eq!(value(&env, var).as_deref(), Some(want), "{var}");
         }
         // Unset: the worker's own defaults apply.
-        let env = env_map(&deployment(&ew(minimal()), &SecretData::new()));
+        let env = env_map(&deployment(&ew(minimal()), &SecretData::new(), Some(1)));
         assert!(!env.contains_key("HOST_MAX_CONCURRENCY") && !env.contains_key("HOST_OVERRIDES"));
     }
 
     #[test]
     fn pods_are_locked_down_and_probed() {
-        let d = deployment(&ew(minimal()), &SecretData::new());
+        let d = deployment(&ew(minimal()), &SecretData::new(), Some(1));
         let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let c = &pod.containers[0];
         let sc = c.security_context.as_ref().unwrap();
@@ -458,7 +458,7 @@ mod tests {
         s["redis"]["passwordSecretRef"] = json!({"name": "redis", "key": "password"});
         let w = ew(s);
         let hash = |w: &EventWorker, secrets: &SecretData| {
-            let d = deployment(w, secrets);
+            let d = deployment(w, secrets, Some(1));
             d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH].clone()
         };
         let with = |v: &str| {
@@ -481,15 +481,15 @@ mod tests {
     }
 
     #[test]
-    fn replicas_are_kept_and_user_labels_cannot_break_the_selector() {
+    fn replicas_as_given_and_user_labels_cannot_break_the_selector() {
         let mut s = minimal();
-        s["replicas"] = json!(4);
-        s["autoscaling"] = json!({"minReplicas": 1, "maxReplicas": 5, "mode": "keda"});
         s["podLabels"] = json!({"app.kubernetes.io/instance": "hijack", "team": "payments"});
-        let d = deployment(&ew(s), &SecretData::new()).spec.unwrap();
+        let d = deployment(&ew(s.clone()), &SecretData::new(), Some(4)).spec.unwrap();
         assert_eq!(d.replicas, Some(4));
         let labels = d.template.metadata.unwrap().labels.unwrap();
         assert_eq!(labels["app.kubernetes.io/instance"], "orders");
         assert_eq!(labels["team"], "payments");
+        let v = serde_json::to_value(deployment(&ew(s), &SecretData::new(), None)).unwrap();
+        assert!(v["spec"].get("replicas").is_none(), "left to its owner (KEDA)");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod admin_secret;
 pub mod deployment;
+pub mod keda;
 pub mod pdb;
 pub mod service;
 pub mod service_monitor;
