@@ -39,11 +39,13 @@ install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
 # Third-party CRDs, from the projects' own Go modules.
 moddir() { (cd "$here/etcd" && GOFLAGS=-mod=mod go mod download -json "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])'); }
 servicemonitor_crd="$(moddir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
-scaledobject_crd="$(moddir "github.com/kedacore/keda/v2@$KEDA_VERSION")/config/crd/bases/keda.sh_scaledobjects.yaml"
+keda_crds="$(moddir "github.com/kedacore/keda/v2@$KEDA_VERSION")/config/crd/bases"
+scaledobject_crd="$keda_crds/keda.sh_scaledobjects.yaml"
+triggerauth_crd="$keda_crds/keda.sh_triggerauthentications.yaml"
 # EW_BUILD_ONLY=1: build and download everything (needs the network), start nothing. .ci/run
 # does this before entering the network namespace, which has no way out.
 if [ -n "${EW_BUILD_ONLY:-}" ]; then
-  [ -f "$servicemonitor_crd" ] && [ -f "$scaledobject_crd" ] || { echo "third-party CRDs missing" >&2; exit 1; }
+  [ -f "$servicemonitor_crd" ] && [ -f "$scaledobject_crd" ] && [ -f "$triggerauth_crd" ] || { echo "third-party CRDs missing" >&2; exit 1; }
   exit 0
 fi
 
@@ -153,7 +155,7 @@ status:
   allocatable: {cpu: "32", memory: 256Gi, pods: "110"}
   capacity: {cpu: "32", memory: 256Gi, pods: "110"}
 NODE
-k apply --server-side -f "$servicemonitor_crd" -f "$scaledobject_crd" >/dev/null || fail kube-apiserver
+k apply --server-side -f "$servicemonitor_crd" -f "$scaledobject_crd" -f "$triggerauth_crd" >/dev/null || fail kube-apiserver
 for _ in $(seq 150); do
   [ "$(k get node kwok-node-0 -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] && break
   sleep 0.2

@@ -459,3 +459,53 @@ async fn a_paused_host_with_one_ordering_key_resumes_in_order() {
         .collect();
     assert_eq!(order, (0..12).collect::<Vec<_>>(), "same key, same order");
 }
+
+/// The stream gauges are the backlog the operator scales on (crate `backlog`), also where
+/// Redis has lost the group's lag (entries deleted ahead of the group) and `XLEN` keeps
+/// delivered entries (`DELETE_ON_ACK=false`): 100 produced, 2 deleted by someone else, 20
+/// delivered, the rest held by a receiver that does not answer yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_gauges_are_the_backlog_the_operator_scales_on() {
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|r, _| {
+        let id: u64 = r.header("x-event-id").and_then(|i| i.parse().ok()).unwrap_or(0);
+        if id < 20 {
+            Reply::ok()
+        } else {
+            Reply::ok().after(Duration::from_secs(120))
+        }
+    });
+    let mut con = redis.con().await;
+    let evs: Vec<_> = (0..100).map(|id| (meta(id, "order.created"), b"{}".to_vec())).collect();
+    produce(&mut con, "events:fast", &evs).await;
+    let ids: Vec<String> = redis::cmd("XRANGE")
+        .arg("events:fast")
+        .arg("-")
+        .arg("+")
+        .query_async::<Vec<(String, Vec<(String, String)>)>>(&mut con)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let _: i64 = redis::cmd("XDEL").arg("events:fast").arg(&ids[50]).arg(&ids[51]).query_async(&mut con).await.unwrap();
+    let w = Worker::start(
+        &redis,
+        &sink.url("/e/[EVENT_TYPE]"),
+        &[("STREAMS", "fast"), ("MAX_IN_FLIGHT", "30"), ("DELETE_ON_ACK", "false"), ("ORDERING", "none"), ("READ_TIMEOUT", "300")],
+    );
+    w.wait_ready().await;
+    wait_until("20 delivered", Duration::from_secs(20), || async { sink.delivered_ids("/e").len() == 20 }).await;
+    let series = |name: &str| format!("eventworker_{name}{{stream=\"events:fast\"}}");
+    wait_until("backlog gauge at 78", Duration::from_secs(20), || async {
+        w.metric(&series("stream_backlog")).await == 78.0
+    })
+    .await;
+    let b = backlog::read(&mut con, "events:fast", "workers").await.unwrap();
+    assert_eq!((b.length, b.total(), b.exact), (98, 78, true), "{b:?}");
+    assert_eq!(w.metric(&series("stream_length")).await, 98.0, "XLEN keeps the delivered ones");
+    assert_eq!(w.metric(&series("stream_pending")).await as i64, b.pending);
+    assert_eq!(w.metric(&series("stream_lag")).await as i64, b.undelivered);
+    assert!(w.metric(&series("stream_oldest_age_seconds")).await >= 0.0);
+}

@@ -346,7 +346,7 @@ async fn lifecycle_ready_rollouts_scale_and_garbage_collection() {
 
     let table = kubectl(&["get", "ew", "-n", &env.ns]);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "REPLICAS", "LAG", "AGE"], "{table}");
+    assert_eq!(header, ["NAME", "READY", "REPLICAS", "BACKLOG", "AGE"], "{table}");
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(&row[..4], ["orders", "True", "2", "0"], "{table}");
 
@@ -958,4 +958,241 @@ async fn the_chart_operator_pod_reconciles_cluster_wide() {
         .is_some());
     other.cleanup().await;
     home.cleanup().await;
+}
+
+async fn deployment_replicas(env: &Env, name: &str) -> Option<i32> {
+    env.api::<Deployment>().get_opt(name).await.ok().flatten().and_then(|d| d.spec).and_then(|s| s.replicas)
+}
+
+/// Reasons of the Kubernetes Events about an EventWorker.
+async fn event_reasons(env: &Env, name: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = env.api();
+    let list = events.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+    list.into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+/// The built-in autoscaler against pods that do not consume (kwok): the backlog stays, so
+/// replicas follow it to max; `spec.replicas` is not applied; an emptied stream brings them
+/// back to min after the window, to zero with `minReplicas: 0`, and one event wakes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_autoscaler_follows_the_backlog_on_the_deployment() {
+    let env = Env::new("scale").await;
+    let redis = RedisServer::start();
+    let _op = Operator::start(&env, "op-scale");
+    let mut con = redis.con().await;
+    let evs: Vec<_> = (0..5_000).map(|id| (meta(id, "order.created"), b"{}".to_vec())).collect();
+    produce(&mut con, "events:fast", &evs).await;
+
+    let mut s = spec(&redis);
+    s["replicas"] = json!(7);
+    s["autoscaling"] = json!({"minReplicas": 1, "maxReplicas": 3, "targetLagPerReplica": 1000,
+        "pollIntervalSeconds": 1,
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": 5}}});
+    env.create_ew("orders", s).await.unwrap();
+    wait_until("scaled to max (5,000 waiting / 1,000 per pod, max 3)", T, || async {
+        deployment_replicas(&env, "orders").await == Some(3)
+    })
+    .await;
+    let st = env.ew("orders").await.status.unwrap();
+    assert_eq!(st.total_backlog, 5_000);
+    let a = st.autoscaling.expect("autoscaling status");
+    assert_eq!((a.mode.as_str(), a.desired_replicas), ("builtin", Some(3)));
+    assert!(a.last_scale_reason.as_deref().unwrap_or_default().contains("backlog 5000"), "{a:?}");
+    assert_eq!(env.condition("orders", "ScalingActive").await, Some(("True".into(), "ValidBacklog".into())));
+    assert_eq!(env.condition("orders", "ScalingLimited").await, Some(("True".into(), "TooManyReplicas".into())));
+    wait_until("a ScaledUp event", T, || async { event_reasons(&env, "orders").await.contains(&"ScaledUp".into()) })
+        .await;
+    wait_until("three pods (kwok)", T, || async { env.running_pods("orders").await == 3 }).await;
+
+    // The backlog is gone: back to min after the window; spec.replicas (7) is never applied.
+    let _: () = redis::cmd("DEL").arg("events:fast").query_async(&mut con).await.unwrap();
+    wait_until("back to min", T, || async { deployment_replicas(&env, "orders").await == Some(1) }).await;
+    assert_eq!(env.condition("orders", "ScalingLimited").await, Some(("True".into(), "TooFewReplicas".into())));
+
+    // Scale to zero, and one event wakes it.
+    let patch = json!({"spec": {"autoscaling": {"minReplicas": 0}}});
+    env.ews().patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    wait_until("scaled to zero", T, || async { deployment_replicas(&env, "orders").await == Some(0) }).await;
+    wait_until("no pods", T, || async { env.running_pods("orders").await == 0 }).await;
+    produce(&mut con, "events:fast", &[(meta(9_999_999, "order.created"), b"{}".to_vec())]).await;
+    wait_until("woken by one event", T, || async { deployment_replicas(&env, "orders").await == Some(1) }).await;
+
+    // Redis gone: replicas frozen, ScalingActive says why.
+    drop(con);
+    let mut redis = redis;
+    redis.stop();
+    wait_until("ScalingActive False while Redis cannot be read", T, || async {
+        env.condition("orders", "ScalingActive").await == Some(("False".into(), "BacklogUnavailable".into()))
+    })
+    .await;
+    assert_eq!(deployment_replicas(&env, "orders").await, Some(1), "frozen");
+    env.cleanup().await;
+}
+
+/// KEDA mode: the ScaledObject and TriggerAuthentication are accepted by KEDA's own CRDs
+/// (tests/controlplane installs them from KEDA's Go module) with nothing pruned, the operator
+/// leaves the Deployment's replicas to KEDA, and a change of mode removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keda_mode_renders_objects_keda_accepts_and_removes_them_on_a_mode_change() {
+    use eventworker_operator::resources::keda;
+    let env = Env::new("keda").await;
+    let redis = RedisServer::start();
+    let _op = Operator::start(&env, "op-keda");
+    env.secret("redis", "password", "not-used-by-this-redis").await;
+    let mut s = spec(&redis);
+    s["streams"] = json!([{"name": "critical", "autoscalingWeight": 4.0}, {"name": "fast"}]);
+    s["redis"]["passwordSecretRef"] = json!({"name": "redis", "key": "password"});
+    s["autoscaling"] = json!({"mode": "keda", "minReplicas": 0, "maxReplicas": 6, "targetLagPerReplica": 500,
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": 60, "policies": [{"type": "Pods", "value": 1, "periodSeconds": 30}]}}});
+    env.create_ew("orders", s).await.unwrap();
+
+    let sos: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &keda::scaled_object_resource());
+    let tas: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &keda::trigger_auth_resource());
+    wait_until("ScaledObject and TriggerAuthentication applied", T, || async {
+        sos.get_opt("orders").await.ok().flatten().is_some() && tas.get_opt("orders-redis").await.ok().flatten().is_some()
+    })
+    .await;
+    // What the API server stored is what was rendered: KEDA's schema pruned nothing.
+    let ew = env.ew("orders").await;
+    let want = serde_json::to_value(keda::scaled_object(&ew).unwrap()).unwrap();
+    let got = serde_json::to_value(sos.get("orders").await.unwrap()).unwrap();
+    assert_eq!(got["spec"], want["spec"], "stored ScaledObject spec equals the rendered one");
+    assert_eq!(got["spec"]["advanced"]["scalingModifiers"]["formula"], "4 * s0 + s1");
+    let want = serde_json::to_value(keda::trigger_authentication(&ew).unwrap()).unwrap();
+    let got = serde_json::to_value(tas.get("orders-redis").await.unwrap()).unwrap();
+    assert_eq!(got["spec"], want["spec"]);
+    wait_until("ScalingActive: KEDA scales", T, || async {
+        env.condition("orders", "ScalingActive").await == Some(("True".into(), "KedaScaledObject".into()))
+    })
+    .await;
+    // The replica count is KEDA's: the operator's field manager does not own it.
+    let d = env.api::<Deployment>().get("orders").await.unwrap();
+    let ours = d.metadata.managed_fields.unwrap_or_default();
+    let ours = ours.iter().find(|m| m.manager.as_deref() == Some("eventworker-operator")).expect("our apply");
+    let fields = serde_json::to_string(&ours.fields_v1).unwrap();
+    assert!(!fields.contains("f:replicas"), "the operator does not own spec.replicas in keda mode: {fields}");
+
+    // Back to builtin: KEDA's objects go, the operator owns the count again.
+    let patch = json!({"spec": {"autoscaling": {"mode": "builtin", "minReplicas": 2}}});
+    env.ews().patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    wait_until("KEDA objects removed", T, || async {
+        sos.get_opt("orders").await.ok().flatten().is_none() && tas.get_opt("orders-redis").await.ok().flatten().is_none()
+    })
+    .await;
+    wait_until("builtin applies min", T, || async { deployment_replicas(&env, "orders").await == Some(2) }).await;
+    env.cleanup().await;
+}
+
+/// `kubectl autoscale ew` (CPU) works through the scale subresource: the HPA controller
+/// finds the EventWorker's scale and its pods' selector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_autoscale_targets_the_scale_subresource() {
+    let env = Env::new("hpa").await;
+    let redis = RedisServer::start();
+    let _op = Operator::start(&env, "op-hpa");
+    env.create_ew("orders", spec(&redis)).await.unwrap();
+    env.wait_ready("orders", "Ready").await;
+    kubectl(&["autoscale", "ew", "orders", "-n", &env.ns, "--cpu-percent=70", "--min=2", "--max=4"]);
+    let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> = env.api();
+    // The controller-manager's HPA reads the scale subresource (AbleToScale) and, below
+    // --min, scales the EventWorker up through it; the operator follows.
+    wait_until("HPA raised the EventWorker to its minimum", T, || async {
+        env.ew("orders").await.spec.replicas == 2
+    })
+    .await;
+    wait_until("Deployment follows", T, || async { deployment_replicas(&env, "orders").await == Some(2) }).await;
+    let hpa = hpas.get("orders").await.unwrap();
+    let able = hpa.status.and_then(|s| s.conditions).unwrap_or_default();
+    assert!(
+        able.iter().any(|c| c.type_ == "AbleToScale" && c.status == "True"),
+        "AbleToScale: {able:?}"
+    );
+    env.cleanup().await;
+}
+
+/// The built-in autoscaler with worker pods that really run (real node): 20,000 events
+/// behind a slow receiver (20 ms per request, 4 in flight per pod) raise the replicas from 1
+/// to max; when the backlog is gone they fall back to min after the window; scaled to zero,
+/// one event wakes a pod that delivers it. Nothing lost, nothing left pending. Prints the
+/// times and the events/s per replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaling_real_pods_up_with_the_backlog_down_after_it_and_from_zero() {
+    let Some(node_ip) = real_node() else {
+        eprintln!("skipped: no real node (EW_REAL_NODE=1 tests/controlplane/up.sh inside tests/controlplane/netns.sh)");
+        return;
+    };
+    const SLOW: Duration = Duration::from_secs(300);
+    const MAX: i32 = 4;
+    let env = Env::new("autoscale").await;
+    let redis = RedisServer::start();
+    let sink = Sink::start_with(false).await;
+    sink.respond(|_, _| Reply::ok().after(Duration::from_millis(20)));
+    let _op = Operator::start(&env, "op-autoscale");
+    let spec = json!({
+        "redis": {"host": node_ip, "port": redis.port},
+        "target": {"uri": format!("http://{node_ip}:{}/e/[EVENT_TYPE]", sink.port)},
+        "streams": [{"name": "fast", "maxInFlight": 4}],
+        "image": "localhost/eventworker:e2e", "imagePullPolicy": "Never",
+        "nodeSelector": {"type": "real"},
+        "terminationGracePeriodSeconds": 15,
+        "retry": {"claimIdleSeconds": 5},
+        "autoscaling": {"minReplicas": 1, "maxReplicas": MAX, "targetLagPerReplica": 2000, "pollIntervalSeconds": 2,
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 20}}},
+    });
+    env.create_ew("orders", spec).await.unwrap();
+    wait_until("one worker pod ready", SLOW, || async { running_pod_names(&env, "orders").await.len() == 1 }).await;
+
+    let started = std::time::Instant::now();
+    publish(redis.url(), 0, 20_000).await;
+    wait_until("replicas raised to max", SLOW, || async { deployment_replicas(&env, "orders").await == Some(MAX) })
+        .await;
+    let to_max = started.elapsed();
+    wait_until("max pods ready", SLOW, || async { running_pod_names(&env, "orders").await.len() == MAX as usize })
+        .await;
+    let to_ready = started.elapsed();
+    let at_max = sink.delivered_ids("/e").len();
+    let at_max_t = std::time::Instant::now();
+    wait_until("20,000 delivered", SLOW, || async { sink.delivered_ids("/e").len() == 20_000 }).await;
+    let drained = started.elapsed();
+    let per_replica = (20_000 - at_max) as f64 / at_max_t.elapsed().as_secs_f64().max(0.001) / MAX as f64;
+
+    let mut con = redis.con().await;
+    wait_until("back to min after the window", SLOW, || async { deployment_replicas(&env, "orders").await == Some(1) })
+        .await;
+    let to_min = started.elapsed();
+    wait_until("one pod left", SLOW, || async { running_pod_names(&env, "orders").await.len() == 1 }).await;
+    let b = backlog::read(&mut con, "events:fast", "workers").await.unwrap();
+    assert_eq!((b.undelivered, b.pending), (0, 0), "nothing stuck after the scale-down");
+    assert_eq!(sink.delivered_ids("/e").len(), 20_000, "nothing lost");
+
+    // Scale to zero and wake up.
+    let patch = json!({"spec": {"autoscaling": {"minReplicas": 0}}});
+    env.ews().patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    wait_until("no pods", SLOW, || async {
+        deployment_replicas(&env, "orders").await == Some(0) && env.running_pods("orders").await == 0
+    })
+    .await;
+    let woken = std::time::Instant::now();
+    produce(&mut con, "events:fast", &[(meta(20_000, "order.created"), b"{}".to_vec())]).await;
+    wait_until("the event that woke a pod is delivered", SLOW, || async {
+        sink.delivered_ids("/e").len() == 20_001
+    })
+    .await;
+    let wake = woken.elapsed();
+    eprintln!(
+        "autoscaling on real pods: 1 -> {MAX} replicas {:.1}s after 20,000 events arrived (all ready {:.1}s), \
+         drained in {:.1}s, {per_replica:.0} events/s per replica at {MAX} (20 ms receiver, 4 in flight), \
+         back to 1 at {:.1}s (window 20s); from zero to the first delivery {:.1}s",
+        to_max.as_secs_f64(),
+        to_ready.as_secs_f64(),
+        drained.as_secs_f64(),
+        to_min.as_secs_f64(),
+        wake.as_secs_f64()
+    );
+    let reasons = event_reasons(&env, "orders").await;
+    assert!(reasons.contains(&"ScaledUp".into()) && reasons.contains(&"ScaledDown".into()), "{reasons:?}");
+    env.cleanup().await;
 }
