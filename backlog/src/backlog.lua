@@ -1,10 +1,11 @@
 -- The backlog of one stream for one consumer group, read in one atomic step.
 -- KEYS[1] stream, ARGV[1] group, ARGV[2] most entries counted per side when Redis cannot
 -- say the group's lag (tombstones after XDEL).
--- Returns {length, undelivered, pending, oldest_id, exact, group_exists, oldest_pending_id}.
+-- Returns {length, undelivered, pending, oldest_id, exact, group_exists, oldest_pending_id,
+-- oldest_undelivered_id}.
 local key, group, cap = KEYS[1], ARGV[1], tonumber(ARGV[2])
 if redis.call('EXISTS', key) == 0 then
-  return {0, 0, 0, '', 1, 0, ''}
+  return {0, 0, 0, '', 1, 0, '', ''}
 end
 local length = redis.call('XLEN', key)
 
@@ -34,7 +35,8 @@ for _, info in ipairs(redis.call('XINFO', 'GROUPS', key)) do
 end
 if not g then
   -- Not created yet: the group will start from the beginning (the worker creates it at 0).
-  return {length, length, 0, first_id('-'), 1, 0, ''}
+  local first = first_id('-')
+  return {length, length, 0, first, 1, 0, '', first}
 end
 
 local last = g['last-delivered-id']
@@ -42,7 +44,7 @@ local pending = g['pending']
 local undelivered, exact = g['lag'], 1
 if undelivered then
   -- Trimming can make lag count entries that are gone.
-  if undelivered > length - pending then undelivered = math.max(length - pending, 0) end
+  if undelivered > length then undelivered = length end
 else
   -- Redis lost count (entries deleted after the group's position, or a group created or
   -- moved after deletions; or Redis < 7). Count whichever side of the position is small:
@@ -66,11 +68,12 @@ if pending > 0 then
   if p[2] then oldest = p[2] end
 end
 local oldest_pending = oldest
+local nxt = ''
 if undelivered > 0 then
-  local nxt = first_id('(' .. last)
+  nxt = first_id('(' .. last)
   if nxt ~= '' then
     local function ms(id) return tonumber(string.match(id, '^(%d+)')) or 0 end
     if oldest == '' or ms(nxt) < ms(oldest) then oldest = nxt end
   end
 end
-return {length, undelivered, pending, oldest, exact, 1, oldest_pending}
+return {length, undelivered, pending, oldest, exact, 1, oldest_pending, nxt}

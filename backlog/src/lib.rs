@@ -7,15 +7,16 @@
 //!   Redis's own `lag` when it knows it; counted when it does not (after `XDEL` of entries
 //!   the group has not passed, a group created behind deletions, Redis < 7), from whichever
 //!   side of the group's position is smaller, at most [`COUNT_CAP`] entries per side.
-//! - **pending**: read and not acknowledged (in flight, held for ordering, or left by a pod
-//!   that died, waiting for a claim).
+//! - **pending**: read and not acknowledged (in flight, waiting for a slot at its host, or
+//!   left by a pod that died, waiting for a claim).
 //! - **backlog** = undelivered + pending: the work the workers still have to do.
 //! - **oldest**: the entry ID of the oldest entry in the backlog; its age is the time since
 //!   Redis accepted it (IDs from `XADD *`).
 //!
 //! Retries scheduled for later (`events:retry`) are *not* backlog: they wait by design and
 //! more pods would not deliver them sooner. When due they are added to their stream again
-//! and count from then on. Acknowledged entries that stay in the stream
+//! and count from then on. The same goes for events held behind an earlier event of their
+//! ordering key (they wait for that retry). Acknowledged entries that stay in the stream
 //! (`DELETE_ON_ACK=false`) are not backlog either.
 
 use redis::aio::ConnectionLike;
@@ -42,6 +43,8 @@ pub struct Backlog {
     pub group_exists: bool,
     /// ID of the oldest pending entry, if any.
     pub oldest_pending_id: Option<String>,
+    /// ID of the oldest entry the group has not read, if any.
+    pub oldest_undelivered_id: Option<String>,
 }
 
 impl Backlog {
@@ -53,6 +56,11 @@ impl Backlog {
     /// Seconds the oldest unacknowledged entry has waited, 0 when there is none.
     pub fn oldest_age_secs(&self, now_unix_ms: u64) -> f64 {
         age_secs(self.oldest_id.as_deref(), now_unix_ms)
+    }
+
+    /// Seconds the oldest entry nobody has read has waited, 0 when there is none.
+    pub fn oldest_undelivered_age_secs(&self, now_unix_ms: u64) -> f64 {
+        age_secs(self.oldest_undelivered_id.as_deref(), now_unix_ms)
     }
 
     /// Seconds the oldest pending entry has waited, 0 when there is none.
@@ -104,6 +112,7 @@ async fn read_capped<C: ConnectionLike>(con: &mut C, key: &str, group: &str, cap
         exact: int(4) == 1,
         group_exists: int(5) == 1,
         oldest_pending_id: id(6),
+        oldest_undelivered_id: id(7),
     })
 }
 

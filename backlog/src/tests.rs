@@ -110,6 +110,7 @@ async fn delete_on_ack_with_lag_known() {
     assert_eq!(b.oldest_pending_id, b.oldest_id);
     let ahead = read(&mut con, "s", "other").await.unwrap();
     assert_eq!((ahead.oldest_id.as_deref(), ahead.oldest_pending_id.as_deref()), (Some(ids[3].as_str()), None));
+    assert_eq!(b.oldest_undelivered_id.as_deref(), Some(ids[4].as_str()));
     // All delivered: nothing left, whatever XLEN had been.
     let rest = take(&mut con, "s", "g", 100).await;
     ack_del(&mut con, "s", "g", &rest).await;

@@ -59,7 +59,7 @@ pub struct Context {
     /// How often a healthy EventWorker is looked at again (lag, readiness).
     pub resync: Duration,
     /// The built-in autoscaler's memory, per EventWorker uid.
-    pub scalers: Mutex<HashMap<String, Scaler>>,
+    pub scalers: Mutex<HashMap<String, (tokio::time::Instant, Scaler)>>,
 }
 
 impl Context {
@@ -76,6 +76,20 @@ impl Context {
             resync: Duration::from_secs(30),
             scalers: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+impl Context {
+    /// Run `f` on this EventWorker's scaler (created on first use, seeded with `current`).
+    /// Scalers of EventWorkers not seen for an hour are dropped.
+    fn with_scaler<T>(&self, ew: &EventWorker, current: i32, f: impl FnOnce(&mut Scaler, tokio::time::Instant) -> T) -> T {
+        let now = tokio::time::Instant::now();
+        let key = ew.uid().unwrap_or_else(|| ew.name_any());
+        let mut scalers = self.scalers.lock().unwrap_or_else(|e| e.into_inner());
+        scalers.retain(|_, (seen, _)| now.saturating_duration_since(*seen) < Duration::from_secs(3600));
+        let (seen, scaler) = scalers.entry(key).or_insert_with(|| (now, Scaler::new(now, current)));
+        *seen = now;
+        f(scaler, now)
     }
 }
 
@@ -184,16 +198,28 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     let read = status::read_backlog(&url, &names, &ew.spec.group, ctx.redis_timeout).await;
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = deployments.get_opt(&name).await?;
+    let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
     let (replicas, mut scaling) = match &ew.spec.autoscaling {
         None => (Some(ew.spec.replicas), None),
-        Some(a) if a.mode == AutoscalingMode::Keda => (None, None),
+        Some(a) if a.mode == AutoscalingMode::Keda => {
+            if let Some(d) = &existing {
+                hand_over_replicas(&deployments, d).await?;
+            }
+            (None, None)
+        }
         Some(a) => {
-            let (n, sc) = scale_builtin(ctx, ew, a, &deployments, &read).await?;
+            let (n, sc) = scale_builtin(ctx, ew, a, current, &read);
             (Some(n), Some(sc))
         }
     };
     let desired = resources::deployment::deployment(ew, &secrets, replicas);
     let applied = deployments.patch(&name, &pp, &Patch::Apply(&desired)).await?;
+    if let (Some(sc), Some(from), Some(to)) = (scaling.as_mut(), current, replicas) {
+        if from != to {
+            scaled(ctx, ew, sc, from, to).await;
+        }
+    }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     services.patch(&name, &pp, &Patch::Apply(&resources::service::service(ew))).await?;
 
@@ -226,8 +252,8 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     if keda_installed {
         apply_keda(ctx, ew, &ns).await?;
     }
-    if let Some(a) = ew.spec.autoscaling.as_ref().filter(|a| a.mode == AutoscalingMode::Keda) {
-        scaling = Some(keda_scaling(ew, a, keda_installed, applied.spec.as_ref().and_then(|s| s.replicas)));
+    if ew.spec.autoscaling.as_ref().is_some_and(|a| a.mode == AutoscalingMode::Keda) {
+        scaling = Some(keda_scaling(ew, keda_installed, applied.spec.as_ref().and_then(|s| s.replicas)));
     }
     obs.scaling = scaling;
 
@@ -277,17 +303,16 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(every))
 }
 
-/// The built-in autoscaler's decision: the replicas to apply, and what to report.
-async fn scale_builtin(
+/// The built-in autoscaler's decision: the replicas to apply, and what to report. The
+/// change is recorded (rate budget, Event, status) by [`scaled`] once applied.
+fn scale_builtin(
     ctx: &Context,
     ew: &EventWorker,
     a: &AutoscalingSpec,
-    deployments: &Api<Deployment>,
+    current: Option<i32>,
     read: &Result<(Vec<StreamStatus>, i64), String>,
-) -> Result<(i32, Scaling)> {
-    let name = ew.name_any();
-    let existing = deployments.get_opt(&name).await?;
-    let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(a.min_replicas);
+) -> (i32, Scaling) {
+    let current = current.unwrap_or(a.min_replicas);
     let load = read.as_ref().ok().map(|(streams, scheduled)| Load {
         streams: ew
             .spec
@@ -297,27 +322,15 @@ async fn scale_builtin(
             .map(|(spec, st)| StreamLoad {
                 backlog: st.backlog,
                 weight: spec.autoscaling_weight.unwrap_or(1.0),
-                oldest_age: st.oldest_age_seconds,
+                oldest_undelivered_age: st.oldest_undelivered_age_seconds,
             })
             .collect(),
         scheduled: *scheduled,
     });
     let policy = Policy::from_spec(a);
-    let now = tokio::time::Instant::now();
-    let key = ew.uid().unwrap_or_else(|| name.clone());
-    let d = {
-        let mut scalers = ctx.scalers.lock().unwrap_or_else(|e| e.into_inner());
-        scalers.entry(key).or_insert_with(|| Scaler::new(now, current)).decide(&policy, load.as_ref(), current, now)
-    };
+    let d = ctx.with_scaler(ew, current, |s, now| s.decide(&policy, load.as_ref(), current, now));
     let previous = ew.status.as_ref().and_then(|s| s.autoscaling.as_ref());
-    let mut last_scale = previous.and_then(|p| Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?)));
-    if existing.is_some() && d.replicas != current {
-        let why = format!("{current} -> {}: {}", d.replicas, d.reason);
-        tracing::info!(name = %name, from = current, to = d.replicas, reason = %d.reason, "scaling");
-        let verb = if d.replicas > current { "ScaledUp" } else { "ScaledDown" };
-        publish(ctx, ew, EventType::Normal, verb, why.clone(), "Scale").await;
-        last_scale = Some((now_string(), why));
-    }
+    let last_scale = previous.and_then(|p| Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?)));
     let active = if d.active {
         (true, "ValidBacklog", format!("{}; recommending {}", d.reason, d.recommended))
     } else {
@@ -327,11 +340,45 @@ async fn scale_builtin(
         Some(l) => (true, l.reason(), format!("recommended {}, applying {}", d.recommended, d.replicas)),
         None => (false, "DesiredWithinRange", format!("{} replicas", d.replicas)),
     };
-    Ok((d.replicas, Scaling { mode: "builtin", active, limited, desired: Some(d.replicas), last_scale }))
+    let reason = d.reason.clone();
+    (d.replicas, Scaling { mode: "builtin", active, limited, desired: Some(d.replicas), last_scale, reason })
 }
 
+/// A scale that was applied: counted against the rate policies, an Event, the status.
+async fn scaled(ctx: &Context, ew: &EventWorker, sc: &mut Scaling, from: i32, to: i32) {
+    ctx.with_scaler(ew, from, |s, now| s.applied(from, to, now));
+    let why = format!("{from} -> {to}: {}", sc.reason);
+    tracing::info!(name = %ew.name_any(), from, to, reason = %sc.reason, "scaled");
+    let verb = if to > from { "ScaledUp" } else { "ScaledDown" };
+    publish(ctx, ew, EventType::Normal, verb, why.clone(), "Scale").await;
+    sc.last_scale = Some((now_string(), why));
+}
+
+/// Switching to KEDA: the replica count our apply owned would be removed (and reset to 1 by
+/// the API server) when the next apply leaves it out. A field manager of its own keeps the
+/// current count until KEDA's HPA writes it (and so takes it over).
+async fn hand_over_replicas(deployments: &Api<Deployment>, d: &Deployment) -> Result<()> {
+    let ours = d.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some(MANAGER)
+            && m.fields_v1.as_ref().is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+    });
+    let Some(replicas) = d.spec.as_ref().and_then(|s| s.replicas).filter(|_| ours) else { return Ok(()) };
+    let body = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": d.metadata.name},
+        "spec": {"replicas": replicas}});
+    let pp = PatchParams::apply(HANDOVER_MANAGER);
+    match deployments.patch(d.metadata.name.as_deref().unwrap_or_default(), &pp, &Patch::Apply(&body)).await {
+        Ok(_) => Ok(()),
+        // Someone (KEDA's HPA) already set another count: theirs stands.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Field manager that holds the replica count between builtin (or fixed) and KEDA.
+const HANDOVER_MANAGER: &str = "eventworker-operator-handover";
+
 /// What KEDA mode looks like from here: whether the ScaledObject could be applied.
-fn keda_scaling(ew: &EventWorker, a: &AutoscalingSpec, installed: bool, replicas: Option<i32>) -> Scaling {
+fn keda_scaling(ew: &EventWorker, installed: bool, replicas: Option<i32>) -> Scaling {
     let active = if installed {
         (true, "KedaScaledObject", format!("ScaledObject {} scales the Deployment", ew.name_any()))
     } else {
@@ -344,15 +391,19 @@ fn keda_scaling(ew: &EventWorker, a: &AutoscalingSpec, installed: bool, replicas
             ),
         )
     };
-    let limited = match replicas {
-        Some(r) if r >= a.max_replicas => (true, "TooManyReplicas", format!("at maxReplicas {}", a.max_replicas)),
-        Some(r) if r <= a.min_replicas => (true, "TooFewReplicas", format!("at minReplicas {}", a.min_replicas)),
-        _ => (false, "DesiredWithinRange", String::new()),
-    };
+    let limited = (
+        false,
+        "DecidedByKeda",
+        format!(
+            "{} replicas; KEDA's HorizontalPodAutoscaler keda-hpa-{} says whether it is limited",
+            replicas.map(|r| r.to_string()).unwrap_or_else(|| "unknown".into()),
+            ew.name_any()
+        ),
+    );
     let last_scale = ew.status.as_ref().and_then(|s| s.autoscaling.as_ref()).and_then(|p| {
         Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?))
     });
-    Scaling { mode: "keda", active, limited, desired: None, last_scale }
+    Scaling { mode: "keda", active, limited, desired: None, last_scale, reason: String::new() }
 }
 
 /// Apply (keda mode) or remove (any other) the ScaledObject and its TriggerAuthentication.

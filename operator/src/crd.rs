@@ -608,6 +608,10 @@ pub struct StreamStatus {
     /// Age in seconds of the oldest entry in the backlog.
     #[serde(default)]
     pub oldest_age_seconds: f64,
+    /// Age in seconds of the oldest entry not read yet (what `targetOldestAgeSeconds`
+    /// looks at).
+    #[serde(default)]
+    pub oldest_undelivered_age_seconds: f64,
     /// False when the undelivered count is a lower bound (Redis lost the group's lag and
     /// more entries than the counting cap wait).
     #[serde(default = "yes")]

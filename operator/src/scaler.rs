@@ -22,8 +22,9 @@ pub struct StreamLoad {
     pub backlog: i64,
     /// `streams[].autoscalingWeight` (1 by default).
     pub weight: f64,
-    /// Seconds the oldest entry of the backlog has waited.
-    pub oldest_age: f64,
+    /// Seconds the oldest entry nobody has read yet has waited (pending entries are being
+    /// worked on or wait for a claim: more pods would not help them).
+    pub oldest_undelivered_age: f64,
 }
 
 /// What the scaler read: the streams, and the retries scheduled for later.
@@ -38,8 +39,8 @@ impl Load {
         self.streams.iter().map(|s| s.backlog.max(0) as f64 * s.weight).sum()
     }
 
-    pub fn oldest_age(&self) -> f64 {
-        self.streams.iter().filter(|s| s.backlog > 0).map(|s| s.oldest_age).fold(0.0, f64::max)
+    pub fn oldest_undelivered_age(&self) -> f64 {
+        self.streams.iter().filter(|s| s.backlog > 0).map(|s| s.oldest_undelivered_age).fold(0.0, f64::max)
     }
 }
 
@@ -187,8 +188,20 @@ impl Scaler {
     }
 
     /// Decide the replicas for `current` running ones. `load` is `None` while the backlog
-    /// cannot be read: the count stays (never scale on a guess).
+    /// cannot be read: the count stays (never scale on a guess). A change is counted
+    /// against the rate policies only once applied: call [`Scaler::applied`].
     pub fn decide(&mut self, p: &Policy, load: Option<&Load>, current: i32, now: Instant) -> Decision {
+        let keep = p.up.window.max(p.down.window);
+        self.recommendations.retain(|(t, _)| now.saturating_duration_since(*t) < keep);
+        let longest_period = p.up.policies.iter().chain(&p.down.policies).map(|x| x.2).max().unwrap_or_default();
+        self.events.retain(|(t, _)| now.saturating_duration_since(*t) <= longest_period);
+        // Outside the bounds (they were just changed): straight to them, as the HPA does.
+        if current > p.max || current < p.min {
+            let replicas = current.clamp(p.min, p.max);
+            let limit = if current > p.max { Limit::TooManyReplicas } else { Limit::TooFewReplicas };
+            let reason = format!("replicas outside [{}, {}]", p.min, p.max);
+            return Decision { replicas, recommended: replicas, limited: Some(limit), reason, active: load.is_some() };
+        }
         let Some(load) = load else {
             return Decision {
                 replicas: current,
@@ -199,10 +212,6 @@ impl Scaler {
             };
         };
         let (raw, why) = recommend(p, load, current);
-        let keep = p.up.window.max(p.down.window);
-        self.recommendations.retain(|(t, _)| now.saturating_duration_since(*t) < keep);
-        let longest_period = p.up.policies.iter().chain(&p.down.policies).map(|x| x.2).max().unwrap_or_default();
-        self.events.retain(|(t, _)| now.saturating_duration_since(*t) <= longest_period);
 
         // Bounds first: what the HPA calls the normalized recommendation.
         let bounded = raw.clamp(p.min, p.max);
@@ -229,7 +238,11 @@ impl Scaler {
 
         // Rate policies.
         let replicas = if stabilized > current {
-            let limit = up_limit(&p.up, current, &self.events, now).min(p.max);
+            let mut limit = up_limit(&p.up, current, &self.events, now).min(p.max);
+            if current == 0 && p.up.select != Select::Disabled {
+                // Percentages of nothing are nothing: waking always brings one pod.
+                limit = limit.max(1);
+            }
             if stabilized > limit {
                 limited = Some(Limit::ScaleUpLimit);
             }
@@ -243,28 +256,37 @@ impl Scaler {
         } else {
             stabilized
         };
-        if replicas != current {
-            self.events.push_back((now, replicas - current));
-        }
         Decision { replicas, recommended: raw, limited, reason: why, active: true }
     }
+
+    /// Record a change that was applied (for the rate policies).
+    pub fn applied(&mut self, from: i32, to: i32, now: Instant) {
+        if from != to {
+            self.events.push_back((now, to - from));
+        }
+    }
 }
+
+/// Within 10 % of the target the count stays (the HPA's tolerance), so that a backlog
+/// hovering around a boundary does not flap the replicas.
+const TOLERANCE: f64 = 0.1;
 
 /// What the signal asks for, and why in words.
 fn recommend(p: &Policy, load: &Load, current: i32) -> (i32, String) {
     let weighted = load.weighted_backlog();
-    let by_count = (weighted / p.target_per_replica).ceil().min(i32::MAX as f64) as i32;
-    let mut raw = by_count;
+    let mut raw = if current > 0 && (weighted / (current as f64 * p.target_per_replica) - 1.0).abs() <= TOLERANCE {
+        current
+    } else {
+        (weighted / p.target_per_replica).ceil().min(i32::MAX as f64) as i32
+    };
     let mut why = format!("backlog {weighted:.0} / {} per pod", p.target_per_replica);
     if let Some(target) = p.target_age {
-        let age = load.oldest_age();
-        if age > target {
-            let by_age = ((current.max(1) as f64) * age / target).ceil().min(i32::MAX as f64) as i32;
-            let by_age = by_age.max(current + 1);
-            if by_age > raw {
-                raw = by_age;
-                why = format!("oldest event waited {age:.0}s > {target:.0}s");
-            }
+        let age = load.oldest_undelivered_age();
+        // One more pod per decision while events wait too long (the rate policies pace it):
+        // the age does not fall the moment pods are added, a ratio would run to max.
+        if age > target && current + 1 > raw {
+            raw = current + 1;
+            why = format!("oldest undelivered event waited {age:.0}s > {target:.0}s");
         }
     }
     if raw == 0 && load.scheduled > 0 {
@@ -274,13 +296,21 @@ fn recommend(p: &Policy, load: &Load, current: i32) -> (i32, String) {
     (raw, why)
 }
 
-/// Change within the last `period` (positive: added, negative: removed).
-fn changed_within(events: &VecDeque<(Instant, i32)>, period: Duration, now: Instant, up: bool) -> i32 {
-    events
-        .iter()
-        .filter(|(t, d)| now.saturating_duration_since(*t) < period && (*d > 0) == up)
-        .map(|(_, d)| d.abs())
-        .sum()
+/// Replicas added and removed within the last `period`.
+fn changed_within(events: &VecDeque<(Instant, i32)>, period: Duration, now: Instant) -> (i32, i32) {
+    events.iter().filter(|(t, _)| now.saturating_duration_since(*t) < period).fold((0, 0), |(up, down), (_, d)| {
+        if *d > 0 {
+            (up + d, down)
+        } else {
+            (up, down - d)
+        }
+    })
+}
+
+/// The count at the start of `period`, as the HPA computes it (net of both directions).
+fn period_start(current: i32, events: &VecDeque<(Instant, i32)>, period: Duration, now: Instant) -> i32 {
+    let (added, removed) = changed_within(events, period, now);
+    current - added + removed
 }
 
 fn up_limit(r: &Rules, current: i32, events: &VecDeque<(Instant, i32)>, now: Instant) -> i32 {
@@ -288,7 +318,7 @@ fn up_limit(r: &Rules, current: i32, events: &VecDeque<(Instant, i32)>, now: Ins
         return current;
     }
     let proposals = r.policies.iter().map(|&(kind, value, period)| {
-        let start = current - changed_within(events, period, now, true);
+        let start = period_start(current, events, period, now);
         match kind {
             PolicyKind::Pods => start.saturating_add(value),
             PolicyKind::Percent => (start as f64 * (1.0 + value as f64 / 100.0)).ceil() as i32,
@@ -303,7 +333,7 @@ fn down_limit(r: &Rules, current: i32, events: &VecDeque<(Instant, i32)>, now: I
         return current;
     }
     let proposals = r.policies.iter().map(|&(kind, value, period)| {
-        let start = current + changed_within(events, period, now, false);
+        let start = period_start(current, events, period, now);
         match kind {
             PolicyKind::Pods => start - value,
             PolicyKind::Percent => (start as f64 * (1.0 - value as f64 / 100.0)) as i32,
@@ -328,7 +358,14 @@ mod tests {
     }
 
     fn load(backlog: i64) -> Load {
-        Load { streams: vec![StreamLoad { backlog, weight: 1.0, oldest_age: 1.0 }], scheduled: 0 }
+        Load { streams: vec![StreamLoad { backlog, weight: 1.0, oldest_undelivered_age: 1.0 }], scheduled: 0 }
+    }
+
+    /// What the controller does: decide, apply, record.
+    fn step(s: &mut Scaler, p: &Policy, l: Option<&Load>, current: i32) -> Decision {
+        let d = s.decide(p, l, current, Instant::now());
+        s.applied(current, d.replicas, Instant::now());
+        d
     }
 
     const S: Duration = Duration::from_secs(1);
@@ -338,34 +375,55 @@ mod tests {
         let p = policy(json!({"maxReplicas": 20}));
         let mut s = Scaler::new(Instant::now(), 1);
         // 12,000 waiting: 12 pods wanted; from 1, max(4 pods, 100%) per 15 s allows 5.
-        let d = s.decide(&p, Some(&load(12_000)), 1, Instant::now());
+        let d = step(&mut s, &p, Some(&load(12_000)), 1);
         assert_eq!((d.replicas, d.recommended, d.limited), (5, 12, Some(Limit::ScaleUpLimit)));
         // Within the same 15 s nothing more.
         tokio::time::advance(5 * S).await;
-        assert_eq!(s.decide(&p, Some(&load(12_000)), 5, Instant::now()).replicas, 5);
+        assert_eq!(step(&mut s, &p, Some(&load(12_000)), 5).replicas, 5);
         // A new period: from 5, 100% allows 10.
         tokio::time::advance(11 * S).await;
-        assert_eq!(s.decide(&p, Some(&load(12_000)), 5, Instant::now()).replicas, 10);
+        assert_eq!(step(&mut s, &p, Some(&load(12_000)), 5).replicas, 10);
         tokio::time::advance(16 * S).await;
-        let d = s.decide(&p, Some(&load(12_000)), 10, Instant::now());
+        let d = step(&mut s, &p, Some(&load(12_000)), 10);
         assert_eq!((d.replicas, d.limited), (12, None));
         // Beyond max: clamped, and said so.
-        let d = s.decide(&p, Some(&load(50_000)), 12, Instant::now());
+        let d = step(&mut s, &p, Some(&load(50_000)), 12);
         assert_eq!((d.replicas, d.limited), (20, Some(Limit::TooManyReplicas)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_that_was_not_applied_uses_no_budget() {
+        let p = policy(json!({"maxReplicas": 20}));
+        let mut s = Scaler::new(Instant::now(), 1);
+        assert_eq!(s.decide(&p, Some(&load(12_000)), 1, Instant::now()).replicas, 5);
+        // The apply failed: still 1 running, the same step is allowed again.
+        tokio::time::advance(2 * S).await;
+        assert_eq!(s.decide(&p, Some(&load(12_000)), 1, Instant::now()).replicas, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_period_start_counts_both_directions() {
+        // Down 10 -> 5 just now: a burst may go to 10 + 100% = 20 within the period, as the
+        // HPA computes it (start = current - added + removed).
+        let p = policy(json!({"maxReplicas": 30, "behavior": {"scaleDown": {"stabilizationWindowSeconds": 0}}}));
+        let mut s = Scaler::new(Instant::now(), 10);
+        assert_eq!(step(&mut s, &p, Some(&load(5_000)), 10).replicas, 5);
+        tokio::time::advance(2 * S).await;
+        assert_eq!(step(&mut s, &p, Some(&load(30_000)), 5).replicas, 20);
     }
 
     #[tokio::test(start_paused = true)]
     async fn scales_down_only_after_the_window() {
         let p = policy(json!({"behavior": {"scaleDown": {"stabilizationWindowSeconds": 60}}}));
         let mut s = Scaler::new(Instant::now(), 6);
-        assert_eq!(s.decide(&p, Some(&load(6_000)), 6, Instant::now()).replicas, 6);
+        assert_eq!(step(&mut s, &p, Some(&load(6_000)), 6).replicas, 6);
         // The backlog is gone: the highest recommendation of the last 60 s holds.
         for _ in 0..5 {
             tokio::time::advance(10 * S).await;
-            assert_eq!(s.decide(&p, Some(&load(0)), 6, Instant::now()).replicas, 6);
+            assert_eq!(step(&mut s, &p, Some(&load(0)), 6).replicas, 6);
         }
         tokio::time::advance(11 * S).await;
-        let d = s.decide(&p, Some(&load(0)), 6, Instant::now());
+        let d = step(&mut s, &p, Some(&load(0)), 6);
         assert_eq!((d.replicas, d.limited), (1, Some(Limit::TooFewReplicas)), "back to min");
     }
 
@@ -376,26 +434,45 @@ mod tests {
             "policies": [{"type": "Pods", "value": 2, "periodSeconds": 30}]
         }}}));
         let mut s = Scaler::new(Instant::now(), 8);
-        let d = s.decide(&p, Some(&load(0)), 8, Instant::now());
+        let d = step(&mut s, &p, Some(&load(0)), 8);
         assert_eq!((d.replicas, d.limited), (6, Some(Limit::ScaleDownLimit)));
         tokio::time::advance(10 * S).await;
-        assert_eq!(s.decide(&p, Some(&load(0)), 6, Instant::now()).replicas, 6, "2 per 30 s used up");
+        assert_eq!(step(&mut s, &p, Some(&load(0)), 6).replicas, 6, "2 per 30 s used up");
         tokio::time::advance(21 * S).await;
-        assert_eq!(s.decide(&p, Some(&load(0)), 6, Instant::now()).replicas, 4);
+        assert_eq!(step(&mut s, &p, Some(&load(0)), 6).replicas, 4);
     }
 
     #[tokio::test(start_paused = true)]
     async fn scale_up_can_be_disabled_and_windowed() {
         let off = policy(json!({"behavior": {"scaleUp": {"selectPolicy": "Disabled"}}}));
         let mut s = Scaler::new(Instant::now(), 2);
-        assert_eq!(s.decide(&off, Some(&load(9_000)), 2, Instant::now()).replicas, 2);
+        assert_eq!(step(&mut s, &off, Some(&load(9_000)), 2).replicas, 2);
         let windowed = policy(json!({"behavior": {"scaleUp": {"stabilizationWindowSeconds": 30}}}));
         let mut s = Scaler::new(Instant::now(), 2);
         tokio::time::advance(5 * S).await;
         // A burst shorter than the window does not scale up.
-        assert_eq!(s.decide(&windowed, Some(&load(9_000)), 2, Instant::now()).replicas, 2);
+        assert_eq!(step(&mut s, &windowed, Some(&load(9_000)), 2).replicas, 2);
         tokio::time::advance(26 * S).await;
-        assert_eq!(s.decide(&windowed, Some(&load(9_000)), 2, Instant::now()).replicas, 6);
+        assert_eq!(step(&mut s, &windowed, Some(&load(9_000)), 2).replicas, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounds_changed_under_it_apply_at_once() {
+        let p = policy(json!({"minReplicas": 3, "maxReplicas": 4}));
+        let mut s = Scaler::new(Instant::now(), 9);
+        let d = step(&mut s, &p, Some(&load(9_000)), 9);
+        assert_eq!((d.replicas, d.limited), (4, Some(Limit::TooManyReplicas)), "no window above max");
+        let d = step(&mut s, &p, None, 1);
+        assert_eq!((d.replicas, d.limited), (3, Some(Limit::TooFewReplicas)), "raised to min even unread");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_ten_percent_of_the_target_nothing_moves() {
+        let p = policy(json!({"behavior": {"scaleDown": {"stabilizationWindowSeconds": 0}}}));
+        let mut s = Scaler::new(Instant::now(), 4);
+        assert_eq!(step(&mut s, &p, Some(&load(4_300)), 4).replicas, 4, "4.3 per 4 pods is within 10%");
+        assert_eq!(step(&mut s, &p, Some(&load(3_700)), 4).replicas, 4);
+        assert_eq!(step(&mut s, &p, Some(&load(4_500)), 4).replicas, 5);
     }
 
     #[tokio::test(start_paused = true)]
@@ -403,8 +480,8 @@ mod tests {
         let p = policy(json!({}));
         let l = Load {
             streams: vec![
-                StreamLoad { backlog: 500, weight: 4.0, oldest_age: 1.0 },
-                StreamLoad { backlog: 500, weight: 1.0, oldest_age: 1.0 },
+                StreamLoad { backlog: 500, weight: 4.0, oldest_undelivered_age: 1.0 },
+                StreamLoad { backlog: 500, weight: 1.0, oldest_undelivered_age: 1.0 },
             ],
             scheduled: 0,
         };
@@ -414,46 +491,58 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_old_event_scales_up_whatever_the_count() {
+    async fn an_old_event_adds_pods_one_at_a_time_whatever_the_count() {
         let p = policy(json!({"targetOldestAgeSeconds": 30.0}));
-        let few_but_old = Load { streams: vec![StreamLoad { backlog: 40, weight: 1.0, oldest_age: 90.0 }], scheduled: 0 };
-        let d = Scaler::new(Instant::now(), 2).decide(&p, Some(&few_but_old), 2, Instant::now());
-        assert_eq!(d.recommended, 6, "2 pods × 90 s / 30 s");
-        assert!(d.reason.contains("oldest event waited 90s"), "{}", d.reason);
-        // Young enough: the count decides.
-        let young = Load { streams: vec![StreamLoad { backlog: 40, weight: 1.0, oldest_age: 10.0 }], scheduled: 0 };
-        assert_eq!(Scaler::new(Instant::now(), 2).decide(&p, Some(&young), 2, Instant::now()).recommended, 1);
+        let old = |age| Load {
+            streams: vec![StreamLoad { backlog: 40, weight: 1.0, oldest_undelivered_age: age }],
+            scheduled: 0,
+        };
+        let mut s = Scaler::new(Instant::now(), 2);
+        let d = step(&mut s, &p, Some(&old(90.0)), 2);
+        assert_eq!((d.recommended, d.replicas), (3, 3));
+        assert!(d.reason.contains("oldest undelivered event waited 90s"), "{}", d.reason);
+        assert_eq!(step(&mut s, &p, Some(&old(95.0)), 3).replicas, 4, "still waiting: one more");
+        // Young enough: the count decides (and the window holds the pods for now).
+        let d = s.decide(&p, Some(&old(10.0)), 4, Instant::now());
+        assert_eq!((d.recommended, d.replicas), (1, 4));
         // A drained stream's stale age does not count.
-        let drained = Load { streams: vec![StreamLoad { backlog: 0, weight: 1.0, oldest_age: 500.0 }], scheduled: 0 };
-        assert_eq!(drained.oldest_age(), 0.0);
+        let drained = Load {
+            streams: vec![StreamLoad { backlog: 0, weight: 1.0, oldest_undelivered_age: 500.0 }],
+            scheduled: 0,
+        };
+        assert_eq!(drained.oldest_undelivered_age(), 0.0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn frozen_while_the_backlog_cannot_be_read() {
         let p = policy(json!({"behavior": {"scaleDown": {"stabilizationWindowSeconds": 0}}}));
         let mut s = Scaler::new(Instant::now(), 7);
-        let d = s.decide(&p, None, 7, Instant::now());
+        let d = step(&mut s, &p, None, 7);
         assert_eq!((d.replicas, d.active), (7, false));
         tokio::time::advance(600 * S).await;
-        assert_eq!(s.decide(&p, None, 7, Instant::now()).replicas, 7);
-        assert_eq!(s.decide(&p, Some(&load(0)), 7, Instant::now()).replicas, 1, "reads again: scales");
+        assert_eq!(step(&mut s, &p, None, 7).replicas, 7);
+        assert_eq!(step(&mut s, &p, Some(&load(0)), 7).replicas, 1, "reads again: scales");
     }
 
     #[tokio::test(start_paused = true)]
     async fn scales_to_zero_and_wakes_on_the_first_event() {
         let p = policy(json!({"minReplicas": 0, "behavior": {"scaleDown": {"stabilizationWindowSeconds": 30}}}));
         let mut s = Scaler::new(Instant::now(), 1);
-        assert_eq!(s.decide(&p, Some(&load(0)), 1, Instant::now()).replicas, 1, "within the window");
+        assert_eq!(step(&mut s, &p, Some(&load(0)), 1).replicas, 1, "within the window");
         tokio::time::advance(31 * S).await;
-        assert_eq!(s.decide(&p, Some(&load(0)), 1, Instant::now()).replicas, 0);
+        assert_eq!(step(&mut s, &p, Some(&load(0)), 1).replicas, 0);
         // A retry scheduled for later needs a worker to move it when due.
         let waiting = Load { scheduled: 3, ..load(0) };
-        assert_eq!(s.decide(&p, Some(&waiting), 0, Instant::now()).replicas, 1);
+        assert_eq!(step(&mut s, &p, Some(&waiting), 0).replicas, 1);
         let mut s = Scaler::new(Instant::now(), 0);
         tokio::time::advance(31 * S).await;
-        assert_eq!(s.decide(&p, Some(&load(0)), 0, Instant::now()).replicas, 0);
-        let d = s.decide(&p, Some(&load(1)), 0, Instant::now());
-        assert_eq!(d.replicas, 1, "one event wakes it");
+        assert_eq!(step(&mut s, &p, Some(&load(0)), 0).replicas, 0);
+        assert_eq!(step(&mut s, &p, Some(&load(1)), 0).replicas, 1, "one event wakes it");
+        // Also when the only scale-up policy is a percentage (of nothing).
+        let pct = policy(json!({"minReplicas": 0, "behavior": {"scaleUp": {
+            "policies": [{"type": "Percent", "value": 50, "periodSeconds": 60}]}}}));
+        let mut s = Scaler::new(Instant::now(), 0);
+        assert_eq!(step(&mut s, &pct, Some(&load(5_000)), 0).replicas, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -461,8 +550,8 @@ mod tests {
         let p = policy(json!({}));
         let mut s = Scaler::new(Instant::now(), 5);
         tokio::time::advance(299 * S).await;
-        assert_eq!(s.decide(&p, Some(&load(0)), 5, Instant::now()).replicas, 5);
+        assert_eq!(step(&mut s, &p, Some(&load(0)), 5).replicas, 5);
         tokio::time::advance(2 * S).await;
-        assert_eq!(s.decide(&p, Some(&load(0)), 5, Instant::now()).replicas, 1);
+        assert_eq!(step(&mut s, &p, Some(&load(0)), 5).replicas, 1);
     }
 }

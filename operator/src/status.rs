@@ -42,6 +42,8 @@ pub struct Scaling {
     pub desired: Option<i32>,
     /// Time and reason of the last change (carried over when nothing changed).
     pub last_scale: Option<(String, String)>,
+    /// Why the scaler wants what it wants now.
+    pub reason: String,
 }
 
 impl Default for Observed {
@@ -214,6 +216,7 @@ pub async fn read_backlog(
                 lag: b.undelivered,
                 backlog: b.total(),
                 oldest_age_seconds: (b.oldest_age_secs(now) * 10.0).round() / 10.0,
+                oldest_undelivered_age_seconds: (b.oldest_undelivered_age_secs(now) * 10.0).round() / 10.0,
                 exact: b.exact,
                 name: key,
             });

@@ -468,9 +468,9 @@ async fn a_paused_host_with_one_ordering_key_resumes_in_order() {
 async fn stream_gauges_are_the_backlog_the_operator_scales_on() {
     let redis = RedisServer::start();
     let sink = Sink::start().await;
-    sink.respond(|r, _| {
-        let id: u64 = r.header("x-event-id").and_then(|i| i.parse().ok()).unwrap_or(0);
-        if id < 20 {
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    sink.respond(move |_, _| {
+        if answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 20 {
             Reply::ok()
         } else {
             Reply::ok().after(Duration::from_secs(120))
@@ -496,12 +496,19 @@ async fn stream_gauges_are_the_backlog_the_operator_scales_on() {
         &[("STREAMS", "fast"), ("MAX_IN_FLIGHT", "30"), ("DELETE_ON_ACK", "false"), ("ORDERING", "none"), ("READ_TIMEOUT", "300")],
     );
     w.wait_ready().await;
-    wait_until("20 delivered", Duration::from_secs(20), || async { sink.delivered_ids("/e").len() == 20 }).await;
-    let series = |name: &str| format!("eventworker_{name}{{stream=\"events:fast\"}}");
-    wait_until("backlog gauge at 78", Duration::from_secs(20), || async {
-        w.metric(&series("stream_backlog")).await == 78.0
+    wait_until("20 acknowledged", Duration::from_secs(20), || async {
+        let b = backlog::read(&mut redis.con().await, "events:fast", "workers").await.unwrap();
+        b.total() == 78
     })
     .await;
+    let series = |name: &str| format!("{name}{{stream=\"events:fast\"}}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while w.metric(&series("stream_backlog")).await != 78.0 {
+        let (_, text) = w.get("/metrics").await;
+        let gauges: Vec<&str> = text.lines().filter(|l| l.starts_with("stream_")).collect();
+        assert!(std::time::Instant::now() < deadline, "backlog gauge never 78: {gauges:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let b = backlog::read(&mut con, "events:fast", "workers").await.unwrap();
     assert_eq!((b.length, b.total(), b.exact), (98, 78, true), "{b:?}");
     assert_eq!(w.metric(&series("stream_length")).await, 98.0, "XLEN keeps the delivered ones");

@@ -7,7 +7,9 @@
 //! `XDEL` Redis may report a group's lag as nil (redis/redis#13337), which KEDA reads as -1.
 //! The triggers are summed with the streams' weights by `scalingModifiers` (KEDA 2.12+):
 //! `target` is `targetLagPerReplica`, so KEDA's HPA wants ceil(weighted backlog / target)
-//! pods, like the built-in scaler.
+//! pods, like the built-in scaler. One more trigger on `events:retry` (whose length is the
+//! number of retries scheduled) keeps one pod while retries wait, even at
+//! `minReplicaCount: 0`: a worker must be there to put them back when due.
 
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{json, Value};
@@ -58,6 +60,10 @@ fn redis_address(ew: &EventWorker) -> (String, Option<String>, bool) {
     }
 }
 
+/// The retry schedule's stream (the worker's `events:retry`) and its trigger's name.
+const RETRY_STREAM: &str = "events:retry";
+const RETRY_TRIGGER: &str = "retry";
+
 /// A trigger name usable in KEDA's formula (an identifier).
 fn trigger_name(i: usize) -> String {
     format!("s{i}")
@@ -68,15 +74,13 @@ pub fn scaled_object(ew: &EventWorker) -> Option<DynamicObject> {
     let a = keda(ew)?;
     let (address, db, tls) = redis_address(ew);
     let auth = trigger_authentication(ew).map(|t| t.metadata.name.unwrap_or_default());
-    let triggers: Vec<Value> = ew
-        .spec
-        .streams
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
+    let keys = ew.spec.streams.iter().enumerate().map(|(i, s)| (trigger_name(i), format!("events:{}", s.name)));
+    let keys = keys.chain([(RETRY_TRIGGER.to_string(), RETRY_STREAM.to_string())]);
+    let triggers: Vec<Value> = keys
+        .map(|(name, stream)| {
             let mut metadata = json!({
                 "address": address,
-                "stream": format!("events:{}", s.name),
+                "stream": stream,
                 "streamLength": a.target_lag_per_replica.to_string(),
                 "activationLagCount": "0",
             });
@@ -86,14 +90,14 @@ pub fn scaled_object(ew: &EventWorker) -> Option<DynamicObject> {
             if tls {
                 metadata["enableTLS"] = json!("true");
             }
-            let mut t = json!({"type": "redis-streams", "name": trigger_name(i), "metadata": metadata});
+            let mut t = json!({"type": "redis-streams", "name": name, "metadata": metadata});
             if let Some(name) = &auth {
                 t["authenticationRef"] = json!({"name": name});
             }
             t
         })
         .collect();
-    let formula = ew
+    let backlog = ew
         .spec
         .streams
         .iter()
@@ -104,6 +108,7 @@ pub fn scaled_object(ew: &EventWorker) -> Option<DynamicObject> {
         })
         .collect::<Vec<_>>()
         .join(" + ");
+    let formula = format!("max({backlog}, min({RETRY_TRIGGER}, 1) * {})", a.target_lag_per_replica);
     let mut advanced = json!({
         "scalingModifiers": {
             "formula": formula,
@@ -194,7 +199,9 @@ mod tests {
         assert!(t["metadata"].get("consumerGroup").is_none(), "lagCount/pending forms are not used");
         assert_eq!(t["authenticationRef"]["name"], "orders-redis");
         let m = &spec["advanced"]["scalingModifiers"];
-        assert_eq!(m["formula"], "4 * s0 + s1");
+        assert_eq!(m["formula"], "max(4 * s0 + s1, min(retry, 1) * 500)");
+        let retry = &spec["triggers"][2];
+        assert_eq!((retry["name"].as_str(), retry["metadata"]["stream"].as_str()), (Some("retry"), Some("events:retry")));
         assert_eq!((m["target"].as_str(), m["metricType"].as_str()), (Some("500"), Some("AverageValue")));
         assert_eq!(spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"], 60);
         let auth = serde_json::to_value(trigger_authentication(&w).unwrap()).unwrap();

@@ -1060,7 +1060,7 @@ async fn keda_mode_renders_objects_keda_accepts_and_removes_them_on_a_mode_chang
     let want = serde_json::to_value(keda::scaled_object(&ew).unwrap()).unwrap();
     let got = serde_json::to_value(sos.get("orders").await.unwrap()).unwrap();
     assert_eq!(got["spec"], want["spec"], "stored ScaledObject spec equals the rendered one");
-    assert_eq!(got["spec"]["advanced"]["scalingModifiers"]["formula"], "4 * s0 + s1");
+    assert_eq!(got["spec"]["advanced"]["scalingModifiers"]["formula"], "max(4 * s0 + s1, min(retry, 1) * 500)");
     let want = serde_json::to_value(keda::trigger_authentication(&ew).unwrap()).unwrap();
     let got = serde_json::to_value(tas.get("orders-redis").await.unwrap()).unwrap();
     assert_eq!(got["spec"], want["spec"]);
