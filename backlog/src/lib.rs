@@ -1,5 +1,5 @@
 //! The backlog of a stream for a consumer group: one definition, read by one Lua script,
-//! used by the worker's gauges (`eventworker_stream_backlog`, ...) and by the operator's
+//! used by the worker's gauges (`stream_backlog`, ...) and by the operator's
 //! status and scaler, so that the numbers a user sees and the numbers pods are scaled on
 //! are the same numbers.
 //!

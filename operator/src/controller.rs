@@ -82,7 +82,12 @@ impl Context {
 impl Context {
     /// Run `f` on this EventWorker's scaler (created on first use, seeded with `current`).
     /// Scalers of EventWorkers not seen for an hour are dropped.
-    fn with_scaler<T>(&self, ew: &EventWorker, current: i32, f: impl FnOnce(&mut Scaler, tokio::time::Instant) -> T) -> T {
+    fn with_scaler<T>(
+        &self,
+        ew: &EventWorker,
+        current: i32,
+        f: impl FnOnce(&mut Scaler, tokio::time::Instant) -> T,
+    ) -> T {
         let now = tokio::time::Instant::now();
         let key = ew.uid().unwrap_or_else(|| ew.name_any());
         let mut scalers = self.scalers.lock().unwrap_or_else(|e| e.into_inner());
@@ -215,7 +220,9 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     };
     let desired = resources::deployment::deployment(ew, &secrets, replicas);
     let applied = deployments.patch(&name, &pp, &Patch::Apply(&desired)).await?;
-    if let (Some(sc), Some(from), Some(to)) = (scaling.as_mut(), current, replicas) {
+    // A Deployment created by this apply starts from minReplicas, as far as scaling goes.
+    let from = current.or(ew.spec.autoscaling.as_ref().map(|a| a.min_replicas));
+    if let (Some(sc), Some(from), Some(to)) = (scaling.as_mut(), from, replicas) {
         if from != to {
             scaled(ctx, ew, sc, from, to).await;
         }
@@ -327,7 +334,7 @@ fn scale_builtin(
             .collect(),
         scheduled: *scheduled,
     });
-    let policy = Policy::from_spec(a);
+    let policy = Policy::from_spec(&ew.spec).expect("autoscaling is set");
     let d = ctx.with_scaler(ew, current, |s, now| s.decide(&policy, load.as_ref(), current, now));
     let previous = ew.status.as_ref().and_then(|s| s.autoscaling.as_ref());
     let last_scale = previous.and_then(|p| Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?)));
@@ -400,9 +407,11 @@ fn keda_scaling(ew: &EventWorker, installed: bool, replicas: Option<i32>) -> Sca
             ew.name_any()
         ),
     );
-    let last_scale = ew.status.as_ref().and_then(|s| s.autoscaling.as_ref()).and_then(|p| {
-        Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?))
-    });
+    let last_scale = ew
+        .status
+        .as_ref()
+        .and_then(|s| s.autoscaling.as_ref())
+        .and_then(|p| Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?)));
     Scaling { mode: "keda", active, limited, desired: None, last_scale, reason: String::new() }
 }
 

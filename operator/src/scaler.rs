@@ -13,7 +13,7 @@ use std::time::Duration;
 use k8s_openapi::api::autoscaling::v2::{HPAScalingRules, HorizontalPodAutoscalerBehavior};
 use tokio::time::Instant;
 
-use crate::crd::AutoscalingSpec;
+use crate::crd::{EventWorkerSpec, Ordering, StreamSpec};
 
 /// One stream's share of the signal.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,8 +103,10 @@ impl Rules {
             Some(_) => Select::Max,
             None => default.select,
         };
-        let window =
-            r.stabilization_window_seconds.map(|s| Duration::from_secs(s.clamp(0, 3600) as u64)).unwrap_or(default.window);
+        let window = r
+            .stabilization_window_seconds
+            .map(|s| Duration::from_secs(s.clamp(0, 3600) as u64))
+            .unwrap_or(default.window);
         Rules { window, policies, select }
     }
 }
@@ -114,6 +116,10 @@ impl Rules {
 pub struct Policy {
     pub min: i32,
     pub max: i32,
+    /// Most pods that can deliver at once: an ordered stream is delivered by one pod at a
+    /// time (its lease holder), so with every stream ordered, pods beyond the number of
+    /// streams would only stand by.
+    pub useful: Option<i32>,
     pub target_per_replica: f64,
     pub target_age: Option<f64>,
     up: Rules,
@@ -121,16 +127,25 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn from_spec(a: &AutoscalingSpec) -> Self {
+    pub fn from_spec(spec: &EventWorkerSpec) -> Option<Self> {
+        let a = spec.autoscaling.as_ref()?;
         let b: Option<&HorizontalPodAutoscalerBehavior> = a.behavior.as_ref();
-        Policy {
+        let ordered = |s: &StreamSpec| s.ordering.unwrap_or(spec.ordering) != Ordering::None;
+        let useful = spec.streams.iter().all(ordered).then_some(spec.streams.len() as i32);
+        Some(Policy {
             min: a.min_replicas.max(0),
             max: a.max_replicas.max(a.min_replicas).max(1),
+            useful,
             target_per_replica: a.target_lag_per_replica.max(1) as f64,
             target_age: a.target_oldest_age_seconds.filter(|s| *s > 0.0),
             up: Rules::from_spec(b.and_then(|b| b.scale_up.as_ref()), Rules::default_up()),
             down: Rules::from_spec(b.and_then(|b| b.scale_down.as_ref()), Rules::default_down()),
-        }
+        })
+    }
+
+    /// The most the signal may ask for: `max`, or fewer when every stream is ordered.
+    fn ceiling(&self) -> i32 {
+        self.useful.map_or(self.max, |u| u.min(self.max)).max(self.min)
     }
 }
 
@@ -139,6 +154,8 @@ impl Policy {
 pub enum Limit {
     /// The signal asks for more than `maxReplicas`.
     TooManyReplicas,
+    /// Every stream is ordered: more pods than streams would only stand by.
+    OrderedStreams,
     /// The signal asks for fewer than `minReplicas`.
     TooFewReplicas,
     /// A scale-up policy held it back for now.
@@ -151,6 +168,7 @@ impl Limit {
     pub fn reason(&self) -> &'static str {
         match self {
             Limit::TooManyReplicas => "TooManyReplicas",
+            Limit::OrderedStreams => "OrderedStreams",
             Limit::TooFewReplicas => "TooFewReplicas",
             Limit::ScaleUpLimit => "ScaleUpLimit",
             Limit::ScaleDownLimit => "ScaleDownLimit",
@@ -214,9 +232,10 @@ impl Scaler {
         let (raw, why) = recommend(p, load, current);
 
         // Bounds first: what the HPA calls the normalized recommendation.
-        let bounded = raw.clamp(p.min, p.max);
+        let bounded = raw.clamp(p.min, p.ceiling());
         let mut limited = match raw {
-            r if r > p.max => Some(Limit::TooManyReplicas),
+            r if r > p.max && p.ceiling() == p.max => Some(Limit::TooManyReplicas),
+            r if r > p.ceiling() => Some(Limit::OrderedStreams),
             r if r < p.min => Some(Limit::TooFewReplicas),
             _ => None,
         };
@@ -350,11 +369,13 @@ mod tests {
     use serde_json::json;
 
     fn policy(v: serde_json::Value) -> Policy {
-        let mut spec = json!({"minReplicas": 1, "maxReplicas": 10, "targetLagPerReplica": 1000});
+        let mut a = json!({"minReplicas": 1, "maxReplicas": 10, "targetLagPerReplica": 1000});
         for (k, val) in v.as_object().unwrap() {
-            spec[k] = val.clone();
+            a[k] = val.clone();
         }
-        Policy::from_spec(&serde_json::from_value(spec).unwrap())
+        let spec =
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://t/"}, "ordering": "none", "autoscaling": a});
+        Policy::from_spec(&serde_json::from_value(spec).unwrap()).unwrap()
     }
 
     fn load(backlog: i64) -> Load {
@@ -476,6 +497,21 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn ordered_streams_are_not_given_pods_that_would_only_stand_by() {
+        let spec = |ordering: serde_json::Value| {
+            let s = json!({"redis": {"host": "r"}, "target": {"uri": "http://t/"},
+                "streams": [{"name": "a"}, {"name": "b", "ordering": ordering}],
+                "autoscaling": {"maxReplicas": 10}});
+            Policy::from_spec(&serde_json::from_value(s).unwrap()).unwrap()
+        };
+        let ordered = spec(json!("stream"));
+        let d = Scaler::new(Instant::now(), 1).decide(&ordered, Some(&load(9_000)), 1, Instant::now());
+        assert_eq!((d.replicas, d.limited), (2, Some(Limit::OrderedStreams)), "two ordered streams: two pods");
+        let mixed = spec(json!("none"));
+        assert_eq!(Scaler::new(Instant::now(), 1).decide(&mixed, Some(&load(9_000)), 1, Instant::now()).replicas, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn weights_make_a_critical_backlog_count_more() {
         let p = policy(json!({}));
         let l = Load {
@@ -506,10 +542,8 @@ mod tests {
         let d = s.decide(&p, Some(&old(10.0)), 4, Instant::now());
         assert_eq!((d.recommended, d.replicas), (1, 4));
         // A drained stream's stale age does not count.
-        let drained = Load {
-            streams: vec![StreamLoad { backlog: 0, weight: 1.0, oldest_undelivered_age: 500.0 }],
-            scheduled: 0,
-        };
+        let drained =
+            Load { streams: vec![StreamLoad { backlog: 0, weight: 1.0, oldest_undelivered_age: 500.0 }], scheduled: 0 };
         assert_eq!(drained.oldest_undelivered_age(), 0.0);
     }
 

@@ -155,7 +155,10 @@ impl Metrics {
             oldest_age: reg(
                 &r,
                 GaugeVec::new(
-                    Opts::new("stream_oldest_age_seconds", "Age of the oldest entry in the backlog (pending or undelivered)"),
+                    Opts::new(
+                        "stream_oldest_age_seconds",
+                        "Age of the oldest entry in the backlog (pending or undelivered)",
+                    ),
                     &["stream"],
                 )
                 .expect("valid metric"),

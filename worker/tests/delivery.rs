@@ -493,7 +493,13 @@ async fn stream_gauges_are_the_backlog_the_operator_scales_on() {
     let w = Worker::start(
         &redis,
         &sink.url("/e/[EVENT_TYPE]"),
-        &[("STREAMS", "fast"), ("MAX_IN_FLIGHT", "30"), ("DELETE_ON_ACK", "false"), ("ORDERING", "none"), ("READ_TIMEOUT", "300")],
+        &[
+            ("STREAMS", "fast"),
+            ("MAX_IN_FLIGHT", "30"),
+            ("DELETE_ON_ACK", "false"),
+            ("ORDERING", "none"),
+            ("READ_TIMEOUT", "300"),
+        ],
     );
     w.wait_ready().await;
     wait_until("20 acknowledged", Duration::from_secs(20), || async {

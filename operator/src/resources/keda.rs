@@ -201,9 +201,15 @@ mod tests {
         let m = &spec["advanced"]["scalingModifiers"];
         assert_eq!(m["formula"], "max(4 * s0 + s1, min(retry, 1) * 500)");
         let retry = &spec["triggers"][2];
-        assert_eq!((retry["name"].as_str(), retry["metadata"]["stream"].as_str()), (Some("retry"), Some("events:retry")));
+        assert_eq!(
+            (retry["name"].as_str(), retry["metadata"]["stream"].as_str()),
+            (Some("retry"), Some("events:retry"))
+        );
         assert_eq!((m["target"].as_str(), m["metricType"].as_str()), (Some("500"), Some("AverageValue")));
-        assert_eq!(spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"], 60);
+        assert_eq!(
+            spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"],
+            60
+        );
         let auth = serde_json::to_value(trigger_authentication(&w).unwrap()).unwrap();
         assert_eq!(auth["metadata"]["name"], "orders-redis");
         assert_eq!(auth["spec"]["secretTargetRef"], json!([{"parameter": "password", "name": "redis", "key": "pw"}]));

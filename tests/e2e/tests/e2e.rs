@@ -988,12 +988,18 @@ async fn builtin_autoscaler_follows_the_backlog_on_the_deployment() {
 
     let mut s = spec(&redis);
     s["replicas"] = json!(7);
+    s["ordering"] = json!("none");
     s["autoscaling"] = json!({"minReplicas": 1, "maxReplicas": 3, "targetLagPerReplica": 1000,
         "pollIntervalSeconds": 1,
         "behavior": {"scaleDown": {"stabilizationWindowSeconds": 5}}});
     env.create_ew("orders", s).await.unwrap();
     wait_until("scaled to max (5,000 waiting / 1,000 per pod, max 3)", T, || async {
         deployment_replicas(&env, "orders").await == Some(3)
+    })
+    .await;
+    wait_until("status says so", T, || async {
+        let st = env.ew("orders").await.status;
+        st.and_then(|s| s.autoscaling).and_then(|a| a.desired_replicas) == Some(3)
     })
     .await;
     let st = env.ew("orders").await.status.unwrap();
@@ -1052,7 +1058,8 @@ async fn keda_mode_renders_objects_keda_accepts_and_removes_them_on_a_mode_chang
     let sos: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &keda::scaled_object_resource());
     let tas: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &keda::trigger_auth_resource());
     wait_until("ScaledObject and TriggerAuthentication applied", T, || async {
-        sos.get_opt("orders").await.ok().flatten().is_some() && tas.get_opt("orders-redis").await.ok().flatten().is_some()
+        sos.get_opt("orders").await.ok().flatten().is_some()
+            && tas.get_opt("orders-redis").await.ok().flatten().is_some()
     })
     .await;
     // What the API server stored is what was rendered: KEDA's schema pruned nothing.
@@ -1079,7 +1086,8 @@ async fn keda_mode_renders_objects_keda_accepts_and_removes_them_on_a_mode_chang
     let patch = json!({"spec": {"autoscaling": {"mode": "builtin", "minReplicas": 2}}});
     env.ews().patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     wait_until("KEDA objects removed", T, || async {
-        sos.get_opt("orders").await.ok().flatten().is_none() && tas.get_opt("orders-redis").await.ok().flatten().is_none()
+        sos.get_opt("orders").await.ok().flatten().is_none()
+            && tas.get_opt("orders-redis").await.ok().flatten().is_none()
     })
     .await;
     wait_until("builtin applies min", T, || async { deployment_replicas(&env, "orders").await == Some(2) }).await;
@@ -1099,17 +1107,12 @@ async fn kubectl_autoscale_targets_the_scale_subresource() {
     let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> = env.api();
     // The controller-manager's HPA reads the scale subresource (AbleToScale) and, below
     // --min, scales the EventWorker up through it; the operator follows.
-    wait_until("HPA raised the EventWorker to its minimum", T, || async {
-        env.ew("orders").await.spec.replicas == 2
-    })
-    .await;
+    wait_until("HPA raised the EventWorker to its minimum", T, || async { env.ew("orders").await.spec.replicas == 2 })
+        .await;
     wait_until("Deployment follows", T, || async { deployment_replicas(&env, "orders").await == Some(2) }).await;
     let hpa = hpas.get("orders").await.unwrap();
     let able = hpa.status.and_then(|s| s.conditions).unwrap_or_default();
-    assert!(
-        able.iter().any(|c| c.type_ == "AbleToScale" && c.status == "True"),
-        "AbleToScale: {able:?}"
-    );
+    assert!(able.iter().any(|c| c.type_ == "AbleToScale" && c.status == "True"), "AbleToScale: {able:?}");
     env.cleanup().await;
 }
 
@@ -1135,6 +1138,8 @@ async fn autoscaling_real_pods_up_with_the_backlog_down_after_it_and_from_zero()
         "redis": {"host": node_ip, "port": redis.port},
         "target": {"uri": format!("http://{node_ip}:{}/e/[EVENT_TYPE]", sink.port)},
         "streams": [{"name": "fast", "maxInFlight": 4}],
+        // Unordered: every pod delivers (an ordered stream is delivered by one pod at a time).
+        "ordering": "none",
         "image": "localhost/eventworker:e2e", "imagePullPolicy": "Never",
         "nodeSelector": {"type": "real"},
         "terminationGracePeriodSeconds": 15,
@@ -1171,16 +1176,16 @@ async fn autoscaling_real_pods_up_with_the_backlog_down_after_it_and_from_zero()
     // Scale to zero and wake up.
     let patch = json!({"spec": {"autoscaling": {"minReplicas": 0}}});
     env.ews().patch("orders", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    wait_until("no pods", SLOW, || async {
-        deployment_replicas(&env, "orders").await == Some(0) && env.running_pods("orders").await == 0
+    wait_until("no pods, not even terminating ones", SLOW, || async {
+        let lp = ListParams::default().labels("app.kubernetes.io/instance=orders");
+        deployment_replicas(&env, "orders").await == Some(0)
+            && env.api::<Pod>().list(&lp).await.map(|l| l.items.is_empty()).unwrap_or(false)
     })
     .await;
     let woken = std::time::Instant::now();
     produce(&mut con, "events:fast", &[(meta(20_000, "order.created"), b"{}".to_vec())]).await;
-    wait_until("the event that woke a pod is delivered", SLOW, || async {
-        sink.delivered_ids("/e").len() == 20_001
-    })
-    .await;
+    wait_until("the event that woke a pod is delivered", SLOW, || async { sink.delivered_ids("/e").len() == 20_001 })
+        .await;
     let wake = woken.elapsed();
     eprintln!(
         "autoscaling on real pods: 1 -> {MAX} replicas {:.1}s after 20,000 events arrived (all ready {:.1}s), \
