@@ -336,8 +336,7 @@ fn scale_builtin(
     });
     let policy = Policy::from_spec(&ew.spec).expect("autoscaling is set");
     let d = ctx.with_scaler(ew, current, |s, now| s.decide(&policy, load.as_ref(), current, now));
-    let previous = ew.status.as_ref().and_then(|s| s.autoscaling.as_ref());
-    let last_scale = previous.and_then(|p| Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?)));
+    let last_scale = previous_scale(ew);
     let active = if d.active {
         (true, "ValidBacklog", format!("{}; recommending {}", d.reason, d.recommended))
     } else {
@@ -407,12 +406,13 @@ fn keda_scaling(ew: &EventWorker, installed: bool, replicas: Option<i32>) -> Sca
             ew.name_any()
         ),
     );
-    let last_scale = ew
-        .status
-        .as_ref()
-        .and_then(|s| s.autoscaling.as_ref())
-        .and_then(|p| Some((p.last_scale_time.clone()?, p.last_scale_reason.clone()?)));
-    Scaling { mode: "keda", active, limited, desired: None, last_scale, reason: String::new() }
+    Scaling { mode: "keda", active, limited, desired: None, last_scale: previous_scale(ew), reason: String::new() }
+}
+
+/// The last scale the status recorded: carried over until the next one.
+fn previous_scale(ew: &EventWorker) -> Option<(String, String)> {
+    let a = ew.status.as_ref()?.autoscaling.as_ref()?;
+    Some((a.last_scale_time.clone()?, a.last_scale_reason.clone()?))
 }
 
 /// Apply (keda mode) or remove (any other) the ScaledObject and its TriggerAuthentication.
