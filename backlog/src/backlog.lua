@@ -9,6 +9,8 @@ if redis.call('EXISTS', key) == 0 then
 end
 local length = redis.call('XLEN', key)
 
+local function ms(id) return tonumber(string.match(id, '^(%d+)')) or 0 end
+
 local function first_id(from)
   local r = redis.call('XRANGE', key, from, '+', 'COUNT', 1)
   if r[1] then return r[1][1] end
@@ -57,7 +59,13 @@ else
     if above then
       undelivered = above
     else
-      undelivered, exact = cap, 0
+      -- Both sides hold more than the cap: estimate from the entries' times (IDs from
+      -- XADD *), never below the cap, never above what the other side leaves.
+      local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1][1]
+      local span = ms(newest) - ms(first_id('-'))
+      local est = cap
+      if span > 0 then est = math.floor(length * (ms(newest) - ms(last)) / span) end
+      undelivered, exact = math.max(cap, math.min(est, length - cap)), 0
     end
   end
 end
@@ -72,7 +80,6 @@ local nxt = ''
 if undelivered > 0 then
   nxt = first_id('(' .. last)
   if nxt ~= '' then
-    local function ms(id) return tonumber(string.match(id, '^(%d+)')) or 0 end
     if oldest == '' or ms(nxt) < ms(oldest) then oldest = nxt end
   end
 end

@@ -186,7 +186,7 @@ async fn scheduled_retries_are_reported_apart_and_count_again_when_due() {
 }
 
 #[tokio::test]
-async fn beyond_the_cap_a_lower_bound() {
+async fn beyond_the_cap_an_estimate() {
     let (_r, mut con) = setup().await;
     add(&mut con, "s", 3_500).await;
     create(&mut con, "s", "a", "0").await;
@@ -200,7 +200,8 @@ async fn beyond_the_cap_a_lower_bound() {
     // Both sides of "b"'s position hold more than the cap.
     let _ = take(&mut con, "s", "b", 1_500).await;
     let capped = read_capped(&mut con, "s", "b", 1_000).await.unwrap();
-    assert_eq!((capped.undelivered, capped.pending, capped.exact), (1_000, 1_510, false));
+    assert_eq!((capped.pending, capped.exact), (1_510, false));
+    assert!((1_000..=3_499 - 1_000).contains(&capped.undelivered), "an estimate within bounds: {capped:?}");
     let uncapped = read_capped(&mut con, "s", "b", 10_000).await.unwrap();
     assert_eq!((uncapped.undelivered, uncapped.exact), (1_989, true));
 }
