@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -90,7 +91,7 @@ impl Context {
     ) -> T {
         let now = tokio::time::Instant::now();
         let key = ew.uid().unwrap_or_else(|| ew.name_any());
-        let mut scalers = self.scalers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut scalers = crate::lock(&self.scalers);
         scalers.retain(|_, (seen, _)| now.saturating_duration_since(*seen) < Duration::from_secs(3600));
         let (seen, scaler) = scalers.entry(key).or_insert_with(|| (now, Scaler::new(now, current)));
         *seen = now;
@@ -155,8 +156,8 @@ async fn ensure_admin_secret(ctx: &Context, ew: &EventWorker, ns: &str) -> Resul
 }
 
 /// Values of the Secret keys the spec references; missing ones are listed.
-async fn read_secrets(ctx: &Context, ew: &EventWorker, ns: &str) -> Result<(SecretData, Vec<String>)> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+pub(crate) async fn read_secrets(client: &Client, ew: &EventWorker, ns: &str) -> Result<(SecretData, Vec<String>)> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let mut data = SecretData::new();
     let mut missing = Vec::new();
     let names: BTreeSet<&str> = secret_refs(&ew.spec).iter().map(|r| r.name.as_str()).collect();
@@ -194,7 +195,7 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
         return Err(e);
     }
     ensure_admin_secret(ctx, ew, &ns).await?;
-    let (secrets, missing) = read_secrets(ctx, ew, &ns).await?;
+    let (secrets, missing) = read_secrets(&ctx.client, ew, &ns).await?;
     let pp = apply_params();
 
     // The backlog first: with autoscaling it decides the replica count.
@@ -206,7 +207,9 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     let existing = deployments.get_opt(&name).await?;
     let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
     let (replicas, mut scaling) = match &ew.spec.autoscaling {
+        // The HPA sets spec.replicas through the scale subresource.
         None => (Some(ew.spec.replicas), None),
+        Some(a) if a.mode == AutoscalingMode::Hpa => (Some(ew.spec.replicas), None),
         Some(a) if a.mode == AutoscalingMode::Keda => {
             if let Some(d) = &existing {
                 hand_over_replicas(&deployments, d).await?;
@@ -253,6 +256,15 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
         obs.service_monitor_skipped = Some(
             "metrics.serviceMonitor.enabled but the monitoring.coreos.com ServiceMonitor CRD is not installed".into(),
         );
+    }
+
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), &ns);
+    match resources::hpa::hpa(ew) {
+        Some(h) => {
+            let applied = hpas.patch(&name, &pp, &Patch::Apply(&h)).await?;
+            scaling = Some(hpa_scaling(ew, &applied));
+        }
+        None => delete_owned(&hpas, &name, ew).await?,
     }
 
     let keda_installed = crd_installed(&ctx.client, keda::SCALED_OBJECT_CRD).await?;
@@ -338,13 +350,13 @@ fn scale_builtin(
     let d = ctx.with_scaler(ew, current, |s, now| s.decide(&policy, load.as_ref(), current, now));
     let last_scale = previous_scale(ew);
     let active = if d.active {
-        (true, "ValidBacklog", format!("{}; recommending {}", d.reason, d.recommended))
+        (true, "ValidBacklog".into(), format!("{}; recommending {}", d.reason, d.recommended))
     } else {
-        (false, "BacklogUnavailable", d.reason.clone())
+        (false, "BacklogUnavailable".into(), d.reason.clone())
     };
     let limited = match &d.limited {
-        Some(l) => (true, l.reason(), format!("recommended {}, applying {}", d.recommended, d.replicas)),
-        None => (false, "DesiredWithinRange", format!("{} replicas", d.replicas)),
+        Some(l) => (true, l.reason().into(), format!("recommended {}, applying {}", d.recommended, d.replicas)),
+        None => (false, "DesiredWithinRange".into(), format!("{} replicas", d.replicas)),
     };
     let reason = d.reason.clone();
     (d.replicas, Scaling { mode: "builtin", active, limited, desired: Some(d.replicas), last_scale, reason })
@@ -386,11 +398,11 @@ const HANDOVER_MANAGER: &str = "eventworker-operator-handover";
 /// What KEDA mode looks like from here: whether the ScaledObject could be applied.
 fn keda_scaling(ew: &EventWorker, installed: bool, replicas: Option<i32>) -> Scaling {
     let active = if installed {
-        (true, "KedaScaledObject", format!("ScaledObject {} scales the Deployment", ew.name_any()))
+        (true, "KedaScaledObject".into(), format!("ScaledObject {} scales the Deployment", ew.name_any()))
     } else {
         (
             false,
-            "KedaNotInstalled",
+            "KedaNotInstalled".into(),
             format!(
                 "autoscaling.mode is keda but KEDA's CRD {} is not installed: the replica count is left as it is",
                 keda::SCALED_OBJECT_CRD
@@ -399,7 +411,7 @@ fn keda_scaling(ew: &EventWorker, installed: bool, replicas: Option<i32>) -> Sca
     };
     let limited = (
         false,
-        "DecidedByKeda",
+        "DecidedByKeda".into(),
         format!(
             "{} replicas; KEDA's HorizontalPodAutoscaler keda-hpa-{} says whether it is limited",
             replicas.map(|r| r.to_string()).unwrap_or_else(|| "unknown".into()),
@@ -407,6 +419,26 @@ fn keda_scaling(ew: &EventWorker, installed: bool, replicas: Option<i32>) -> Sca
         ),
     );
     Scaling { mode: "keda", active, limited, desired: None, last_scale: previous_scale(ew), reason: String::new() }
+}
+
+/// What HPA mode looks like: the HorizontalPodAutoscaler's own conditions.
+fn hpa_scaling(ew: &EventWorker, h: &HorizontalPodAutoscaler) -> Scaling {
+    let st = h.status.as_ref();
+    let cond = |t: &str| {
+        st.and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == t))
+            .map(|c| (c.status == "True", c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default()))
+    };
+    // The HPA's own reasons (ValidMetricFound, FailedGetExternalMetric, TooManyReplicas, ...).
+    let active = cond("ScalingActive").unwrap_or_else(|| {
+        (false, "Pending".into(), format!("HorizontalPodAutoscaler {} has not computed yet", ew.name_any()))
+    });
+    let limited = cond("ScalingLimited").unwrap_or_else(|| (false, "Pending".into(), String::new()));
+    let last_scale = st
+        .and_then(|s| s.last_scale_time.as_ref())
+        .map(|t| (t.0.to_string(), format!("HorizontalPodAutoscaler {}", ew.name_any())))
+        .or_else(|| previous_scale(ew));
+    Scaling { mode: "hpa", active, limited, desired: st.map(|s| s.desired_replicas), last_scale, reason: String::new() }
 }
 
 /// The last scale the status recorded: carried over until the next one.
@@ -524,6 +556,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: tokio_util::sync::CancellationToke
         .owns(scoped::<Deployment>(&client, ns), watcher::Config::default())
         .owns(scoped::<Service>(&client, ns), watcher::Config::default())
         .owns(scoped::<PodDisruptionBudget>(&client, ns), watcher::Config::default())
+        .owns(scoped::<HorizontalPodAutoscaler>(&client, ns), watcher::Config::default())
         // Metadata only: the mapper needs names, and holding every Secret's data in memory
         // would be both a memory and an exposure problem.
         .watches_stream(

@@ -466,12 +466,21 @@ pub enum AutoscalingMode {
     Builtin,
     /// A KEDA ScaledObject (redis-streams triggers) scales the Deployment; needs KEDA.
     Keda,
+    /// A HorizontalPodAutoscaler on this EventWorker with the External metric
+    /// `eventworker-backlog`, served by the operator (chart value `externalMetrics.enabled`);
+    /// minReplicas at least 1.
+    Hpa,
 }
 
 /// Scaling on the streams' backlog (undelivered + pending entries, see the README).
-/// While set, the worker Deployment's replica count belongs to the autoscaler and
-/// `spec.replicas` is not applied.
+/// While set, the replica count belongs to the autoscaler: builtin and keda set the worker
+/// Deployment's (`spec.replicas` is not applied), hpa sets `spec.replicas` through the scale
+/// subresource.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("!has(self.mode) || self.mode != 'hpa' || !has(self.minReplicas) || self.minReplicas >= 1")
+        .message("autoscaling.minReplicas must be at least 1 with mode hpa (a HorizontalPodAutoscaler does not scale to zero)")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
     /// Fewest pods; 0 scales to zero when there is no backlog and no scheduled retry, and
@@ -503,7 +512,7 @@ pub struct AutoscalingSpec {
     /// window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub behavior: Option<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior>,
-    /// builtin (default) or keda.
+    /// builtin (default), keda or hpa.
     #[serde(default)]
     pub mode: AutoscalingMode,
 }
@@ -557,7 +566,7 @@ pub struct EventWorkerStatus {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingStatus {
-    /// builtin or keda.
+    /// builtin, keda or hpa.
     pub mode: String,
     /// Pods the autoscaler wants now (builtin), after windows and step limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]

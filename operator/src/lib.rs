@@ -5,6 +5,7 @@ pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod metrics_api;
 pub mod resources;
 pub mod scaler;
 pub mod status;
@@ -15,4 +16,9 @@ pub use crd::{EventWorker, EventWorkerSpec, EventWorkerStatus};
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     serde_yaml::to_string(&EventWorker::crd()).unwrap_or_default()
+}
+
+/// Lock a mutex, also one a panicking thread left poisoned (the data stays usable).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

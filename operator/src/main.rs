@@ -36,6 +36,16 @@ struct Args {
     /// Only reconcile EventWorkers in this namespace (default: all namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Port of the External metrics API (`external.metrics.k8s.io`, for `autoscaling.mode:
+    /// hpa`); off when unset. Needs METRICS_API_CERT_FILE and METRICS_API_KEY_FILE.
+    #[arg(long, env = "METRICS_API_PORT")]
+    metrics_api_port: Option<u16>,
+    /// PEM certificate (chain) the External metrics API serves.
+    #[arg(long, env = "METRICS_API_CERT_FILE")]
+    metrics_api_cert_file: Option<String>,
+    /// PEM private key of that certificate.
+    #[arg(long, env = "METRICS_API_KEY_FILE")]
+    metrics_api_key_file: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -76,6 +86,18 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let shutdown = CancellationToken::new();
+    if let Some(port) = args.metrics_api_port {
+        let (Some(cert), Some(key)) = (args.metrics_api_cert_file.clone(), args.metrics_api_key_file.clone()) else {
+            anyhow::bail!("METRICS_API_PORT is set: METRICS_API_CERT_FILE and METRICS_API_KEY_FILE are required");
+        };
+        let (client, stop) = (client.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = eventworker_operator::metrics_api::serve(client, port, &cert, &key, stop).await {
+                tracing::error!(error = %e, "external metrics API stopped");
+                std::process::exit(2);
+            }
+        });
+    }
     tokio::spawn({
         let s = shutdown.clone();
         async move {

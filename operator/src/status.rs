@@ -36,9 +36,9 @@ pub struct Observed {
 pub struct Scaling {
     pub mode: &'static str,
     /// ScalingActive: (status, reason, message).
-    pub active: (bool, &'static str, String),
+    pub active: (bool, String, String),
     /// ScalingLimited: (status, reason, message).
-    pub limited: (bool, &'static str, String),
+    pub limited: (bool, String, String),
     pub desired: Option<i32>,
     /// Time and reason of the last change (carried over when nothing changed).
     pub last_scale: Option<(String, String)>,

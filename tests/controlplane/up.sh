@@ -75,6 +75,15 @@ sans="IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kuber
 cert apiserver "/CN=kube-apiserver" "subjectAltName=$sans
 extendedKeyUsage=serverAuth"
 cert admin "/O=system:masters/CN=admin" "extendedKeyUsage=clientAuth"
+# The aggregation layer (APIServices, e.g. the operator's external metrics): the front
+# proxy's own CA and client certificate, as kubeadm sets them up.
+openssl req -x509 -newkey rsa:2048 -nodes -keyout front-proxy-ca.key -out front-proxy-ca.crt \
+  -subj "/CN=eventworker-test-front-proxy-ca" -days 7 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout front-proxy-client.key -out front-proxy-client.csr \
+  -subj "/CN=front-proxy-client" 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\n' > front-proxy-client.ext
+openssl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key -CAcreateserial \
+  -out front-proxy-client.crt -days 7 -extfile front-proxy-client.ext 2>/dev/null
 openssl genrsa -out sa.key 2048 2>/dev/null; openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 cd "$dir"
 
@@ -101,6 +110,11 @@ fi
   --tls-cert-file pki/apiserver.crt --tls-private-key-file pki/apiserver.key --client-ca-file pki/ca.crt \
   --service-account-issuer https://kubernetes.default.svc --service-account-key-file pki/sa.pub \
   --service-account-signing-key-file pki/sa.key --service-cluster-ip-range 10.96.0.0/16 \
+  --requestheader-client-ca-file pki/front-proxy-ca.crt --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
+  --proxy-client-cert-file pki/front-proxy-client.crt --proxy-client-key-file pki/front-proxy-client.key \
+  --enable-aggregator-routing=true \
   --authorization-mode RBAC --allow-privileged=true > "$dir/kube-apiserver.log" 2>&1 &
 echo $! > "$dir/kube-apiserver.pid"
 ok=""

@@ -3,6 +3,7 @@
 
 pub mod admin_secret;
 pub mod deployment;
+pub mod hpa;
 pub mod keda;
 pub mod pdb;
 pub mod service;

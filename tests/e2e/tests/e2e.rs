@@ -159,6 +159,10 @@ impl Operator {
     }
 
     fn start_with(env: &Env, identity: &str, kubeconfig: &str) -> Self {
+        Self::start_with_env(env, identity, kubeconfig, &[])
+    }
+
+    fn start_with_env(env: &Env, identity: &str, kubeconfig: &str, extra: &[(&str, String)]) -> Self {
         let bin = std::env::var("EVENTWORKER_OPERATOR_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| target_dir_bin("eventworker-operator"));
@@ -172,6 +176,7 @@ impl Operator {
             .env("RESYNC_SECONDS", "2")
             .env("METRICS_PORT", metrics_port.to_string())
             .env("RUST_LOG", std::env::var("EW_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .spawn()
             .expect("start eventworker-operator (cargo build -p eventworker-operator)");
@@ -1199,5 +1204,117 @@ async fn autoscaling_real_pods_up_with_the_backlog_down_after_it_and_from_zero()
     );
     let reasons = event_reasons(&env, "orders").await;
     assert!(reasons.contains(&"ScaledUp".into()) && reasons.contains(&"ScaledDown".into()), "{reasons:?}");
+    env.cleanup().await;
+}
+
+/// HPA mode: the operator's External metrics API, registered with the API server's
+/// aggregation layer (an APIService; tests/controlplane starts the API server with a front
+/// proxy CA), answers `kubectl get --raw` with the backlog, and the controller-manager's
+/// HorizontalPodAutoscaler scales the EventWorker through its scale subresource on it.
+/// Needs the real node: an APIService's endpoint cannot be a loopback address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs alone: .ci/e2e runs it after the suite (it registers the cluster's external metrics API)"]
+async fn hpa_mode_scales_the_eventworker_on_the_operators_external_metric() {
+    use k8s_openapi::api::core::v1::Endpoints;
+    let Some(node_ip) = real_node() else {
+        eprintln!("skipped: no real node (EW_REAL_NODE=1 tests/controlplane/up.sh inside tests/controlplane/netns.sh)");
+        return;
+    };
+    let env = Env::new("hpa-metrics").await;
+    let redis = RedisServer::start();
+    // The metrics API's serving certificate.
+    let dir = std::env::temp_dir().join(format!("ew-metrics-api-{}", env.ns));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let svc = format!("eventworker-metrics.{}.svc", env.ns);
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=eventworker-metrics"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .args(["-addext", &format!("subjectAltName=DNS:{svc},IP:{node_ip}")])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "openssl");
+    let port = free_port();
+    let _op = Operator::start_with_env(
+        &env,
+        "op-hpa-metrics",
+        &kubeconfig(),
+        &[
+            ("METRICS_API_PORT", port.to_string()),
+            ("METRICS_API_CERT_FILE", crt.display().to_string()),
+            ("METRICS_API_KEY_FILE", key.display().to_string()),
+        ],
+    );
+    // Service and endpoint at the node's address (where the operator process listens).
+    let service: Service = serde_json::from_value(json!({"metadata": {"name": "eventworker-metrics"},
+        "spec": {"ports": [{"port": 443, "targetPort": port}]}}))
+    .unwrap();
+    env.api::<Service>().create(&PostParams::default(), &service).await.unwrap();
+    let endpoints: Endpoints = serde_json::from_value(json!({"metadata": {"name": "eventworker-metrics"},
+        "subsets": [{"addresses": [{"ip": node_ip}], "ports": [{"port": port}]}]}))
+    .unwrap();
+    env.api::<Endpoints>().create(&PostParams::default(), &endpoints).await.unwrap();
+    let ca = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, std::fs::read(&crt).unwrap());
+    let apiservices = Api::<DynamicObject>::all_with(
+        env.client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("apiregistration.k8s.io", "v1", "APIService"),
+            "apiservices",
+        ),
+    );
+    let apiservice: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+        "metadata": {"name": "v1beta1.external.metrics.k8s.io"},
+        "spec": {"group": "external.metrics.k8s.io", "version": "v1beta1", "caBundle": ca,
+                 "groupPriorityMinimum": 100, "versionPriority": 100,
+                 "service": {"namespace": env.ns, "name": "eventworker-metrics", "port": 443}},
+    }))
+    .unwrap();
+    apiservices
+        .patch("v1beta1.external.metrics.k8s.io", &PatchParams::apply("e2e").force(), &Patch::Apply(&apiservice))
+        .await
+        .unwrap();
+    wait_until("APIService Available", T, || async {
+        let a = apiservices.get("v1beta1.external.metrics.k8s.io").await.ok();
+        let conds = a.and_then(|a| a.data["status"]["conditions"].as_array().cloned()).unwrap_or_default();
+        conds.iter().any(|c| c["type"] == "Available" && c["status"] == "True")
+    })
+    .await;
+
+    let mut con = redis.con().await;
+    let evs: Vec<_> = (0..5_000).map(|id| (meta(id, "order.created"), b"{}".to_vec())).collect();
+    produce(&mut con, "events:fast", &evs).await;
+    let mut s = spec(&redis);
+    s["autoscaling"] = json!({"mode": "hpa", "minReplicas": 1, "maxReplicas": 3, "targetLagPerReplica": 1000});
+    env.create_ew("orders", s).await.unwrap();
+
+    // The metric, as any client of the API server sees it.
+    let path = format!(
+        "/apis/external.metrics.k8s.io/v1beta1/namespaces/{}/eventworker-backlog?labelSelector=eventworker.io%2Fname%3Dorders",
+        env.ns
+    );
+    let raw: Value = serde_json::from_str(&kubectl(&["get", "--raw", &path])).unwrap();
+    assert_eq!(raw["kind"], "ExternalMetricValueList", "{raw}");
+    assert_eq!(raw["items"][0]["value"], "5000", "{raw}");
+    assert_eq!(raw["items"][0]["metricLabels"]["eventworker.io/name"], "orders");
+
+    // The controller-manager's HPA scales the EventWorker (scale subresource) on it.
+    wait_until("HPA scaled the EventWorker to 3", Duration::from_secs(120), || async {
+        env.ew("orders").await.spec.replicas == 3
+    })
+    .await;
+    wait_until("the Deployment follows", T, || async { deployment_replicas(&env, "orders").await == Some(3) }).await;
+    wait_until("ScalingActive from the HPA", T, || async {
+        env.condition("orders", "ScalingActive").await.is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    let st = env.ew("orders").await.status.unwrap().autoscaling.unwrap();
+    assert_eq!((st.mode.as_str(), st.desired_replicas), ("hpa", Some(3)));
+    let _ = apiservices.delete("v1beta1.external.metrics.k8s.io", &DeleteParams::default()).await;
+    let _ = std::fs::remove_dir_all(&dir);
     env.cleanup().await;
 }
