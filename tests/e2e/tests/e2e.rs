@@ -948,6 +948,8 @@ async fn the_chart_operator_pod_reconciles_cluster_wide() {
         "watchNamespace=",
         "--set",
         "crds.install=false",
+        "--set",
+        "externalMetrics.enabled=true",
         "--wait",
         "--timeout",
         "90s",
@@ -955,6 +957,28 @@ async fn the_chart_operator_pod_reconciles_cluster_wide() {
     other.create_ew("orders", spec(&redis)).await.unwrap();
     other.wait_ready("orders", "Ready, reconciled by the cluster-wide operator pod").await;
     assert!(other.api::<Deployment>().get_opt("orders").await.unwrap().is_some());
+    // The chart's External metrics API: APIService, certificate, delegated auth, all wired.
+    wait_until("the chart's APIService is Available", T, || async {
+        let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+            .env("KUBECONFIG", kubeconfig())
+            .args([
+                "get",
+                "apiservice",
+                "v1beta1.external.metrics.k8s.io",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Available\")].status}",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout) == "True"
+    })
+    .await;
+    let path = format!(
+        "/apis/external.metrics.k8s.io/v1beta1/namespaces/{}/eventworker-backlog?labelSelector=eventworker.io%2Fname%3Dorders",
+        other.ns
+    );
+    let raw: Value = serde_json::from_str(&kubectl(&["get", "--raw", &path])).unwrap();
+    assert_eq!(raw["items"][0]["value"], "0", "{raw}");
     helm(&["uninstall", &release, "-n", &home.ns, "--wait"]);
     assert!(Api::<CustomResourceDefinition>::all(home.client.clone())
         .get_opt("eventworkers.eventworker.io")
@@ -1301,6 +1325,22 @@ async fn hpa_mode_scales_the_eventworker_on_the_operators_external_metric() {
     assert_eq!(raw["kind"], "ExternalMetricValueList", "{raw}");
     assert_eq!(raw["items"][0]["value"], "5000", "{raw}");
     assert_eq!(raw["items"][0]["metricLabels"]["eventworker.io/name"], "orders");
+    // Only the front proxy gets in: a client without its certificate is refused in the
+    // handshake, and a user without RBAC for the metric is refused.
+    let direct = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let r = direct.get(format!("https://{node_ip}:{port}{path}")).send().await;
+    assert!(r.is_err(), "no client certificate, no answer: {r:?}");
+    let denied = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+        .env("KUBECONFIG", kubeconfig())
+        .args(["get", "--raw", &path, "--as", &format!("system:serviceaccount:{}:default", env.ns)])
+        .output()
+        .unwrap();
+    assert!(!denied.status.success(), "a ServiceAccount without RBAC reads no metric");
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("orbidden"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
 
     // The controller-manager's HPA scales the EventWorker (scale subresource) on it.
     wait_until("HPA scaled the EventWorker to 3", Duration::from_secs(120), || async {
