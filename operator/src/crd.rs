@@ -676,6 +676,7 @@ mod tests {
             "target.uri must start with http:// or https://",
             "deadLetter.httpUri is required with mode http",
             "autoscaling.minReplicas must not be greater than autoscaling.maxReplicas",
+            "autoscaling.minReplicas must be at least 1 with mode hpa",
             "stream names are letters",
             "stream names must be unique",
         ] {

@@ -212,8 +212,8 @@ async fn value(
             Err(e) => return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
         },
     };
-    if wanted.is_some() && list.is_empty() {
-        return status(StatusCode::NOT_FOUND, "NotFound", format!("no EventWorker {} in {ns}", wanted.unwrap()));
+    if let (Some(name), true) = (&wanted, list.is_empty()) {
+        return status(StatusCode::NOT_FOUND, "NotFound", format!("no EventWorker {name} in {ns}"));
     }
     let mut items = Vec::new();
     for ew in &list {

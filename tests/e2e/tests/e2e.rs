@@ -263,6 +263,16 @@ async fn invalid_eventworkers_are_rejected_with_messages() {
             json!({"redis": {"host": "r", "url": "redis://r"}, "target": {"uri": "http://svc"}}),
             "redis: set exactly one of url and host",
         ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"},
+                   "autoscaling": {"mode": "hpa", "minReplicas": 0, "maxReplicas": 3}}),
+            "autoscaling.minReplicas must be at least 1 with mode hpa",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"},
+                   "streams": [{"name": "a", "autoscalingWeight": 0}]}),
+            "streams[].autoscalingWeight must be greater than 0",
+        ),
         (json!({"redis": {"url": "http://r"}, "target": {"uri": "http://svc"}}), "redis.url must start with redis://"),
         (
             json!({"redis": {"host": "r"}, "target": {"uri": "ftp://svc"}}),
