@@ -57,7 +57,8 @@ pub async fn serve(
     key_file: &str,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let config = tls_config(&client, cert_file, key_file).await?;
+    let (config, allowed_names) = tls_config(&client, cert_file, key_file).await?;
+    let allowed_names = Arc::new(allowed_names);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let tcp = tokio::net::TcpListener::bind(("0.0.0.0", port))
         .await
@@ -67,11 +68,27 @@ pub async fn serve(
     // Handshakes run concurrently: one slow client must not hold up the others.
     tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = tcp.accept().await else { continue };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (stream, peer) = match tcp.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: do not spin.
+                    tracing::warn!(error = %e, "metrics API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let (acceptor, tx, allowed) = (acceptor.clone(), tx.clone(), allowed_names.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
+                        // The front proxy's certificate must carry an allowed name, as the API
+                        // server's own request-header authenticator requires.
+                        let cn =
+                            tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_cn(c));
+                        if !allowed.is_empty() && !cn.as_ref().is_some_and(|cn| allowed.contains(cn)) {
+                            tracing::warn!(%peer, ?cn, "metrics API: client certificate name not in requestheader-allowed-names");
+                            return;
+                        }
                         let _ = tx.send((tls, peer)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics API: TLS handshake refused"),
@@ -91,21 +108,22 @@ pub async fn serve(
     Ok(())
 }
 
-/// Server certificate from files; clients must present a certificate of the API server's
-/// request-header CA.
-async fn tls_config(client: &Client, cert_file: &str, key_file: &str) -> anyhow::Result<rustls::ServerConfig> {
+/// Who may connect: the request-header CA and the names its certificates may carry.
+struct FrontProxy {
+    roots: rustls::RootCertStore,
+    /// `requestheader-allowed-names`; empty: any certificate of that CA.
+    allowed_names: Vec<String>,
+}
+
+async fn front_proxy(client: &Client) -> anyhow::Result<FrontProxy> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| anyhow::anyhow!("METRICS_API_CERT_FILE {cert_file}: {e}"))?;
-    let key =
-        PrivateKeyDer::from_pem_file(key_file).map_err(|e| anyhow::anyhow!("METRICS_API_KEY_FILE {key_file}: {e}"))?;
+    use rustls::pki_types::CertificateDer;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
     let cm = cms.get("extension-apiserver-authentication").await.map_err(|e| {
         anyhow::anyhow!("reading kube-system/extension-apiserver-authentication (the request-header CA): {e}")
     })?;
-    let ca = cm.data.as_ref().and_then(|d| d.get("requestheader-client-ca-file")).ok_or_else(|| {
+    let data = cm.data.unwrap_or_default();
+    let ca = data.get("requestheader-client-ca-file").ok_or_else(|| {
         anyhow::anyhow!(
             "kube-system/extension-apiserver-authentication has no requestheader-client-ca-file: \
              the API server runs without an aggregation layer (--requestheader-client-ca-file)"
@@ -115,17 +133,139 @@ async fn tls_config(client: &Client, cert_file: &str, key_file: &str) -> anyhow:
     for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
         roots.add(c?)?;
     }
+    let allowed_names = data
+        .get("requestheader-allowed-names")
+        .map(|v| serde_json::from_str::<Vec<String>>(v).unwrap_or_default())
+        .unwrap_or_default();
+    Ok(FrontProxy { roots, allowed_names })
+}
+
+/// Server certificate from files (re-read when they change: a rotated Secret reaches the
+/// pod without a restart); clients must present a certificate of the request-header CA.
+async fn tls_config(
+    client: &Client,
+    cert_file: &str,
+    key_file: &str,
+) -> anyhow::Result<(rustls::ServerConfig, Vec<String>)> {
+    let front = front_proxy(client).await?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let certs = ReloadingCert::load(cert_file, key_file, &provider)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(front.roots), provider.clone())
         .build()
         .map_err(|e| anyhow::anyhow!("request-header CA: {e}"))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| anyhow::anyhow!("METRICS_API_CERT_FILE / METRICS_API_KEY_FILE: {e}"))?;
+        .with_cert_resolver(Arc::new(certs));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok((config, front.allowed_names))
+}
+
+/// The serving certificate, re-read from its files at most every 10 s when they changed.
+#[derive(Debug)]
+struct ReloadingCert {
+    cert_file: String,
+    key_file: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    state: Mutex<(Instant, Option<std::time::SystemTime>, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+impl ReloadingCert {
+    fn load(cert_file: &str, key_file: &str, provider: &Arc<rustls::crypto::CryptoProvider>) -> anyhow::Result<Self> {
+        let key = Self::read(cert_file, key_file, provider)?;
+        Ok(Self {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+            provider: provider.clone(),
+            state: Mutex::new((Instant::now(), modified(cert_file, key_file), Arc::new(key))),
+        })
+    }
+
+    fn read(
+        cert_file: &str,
+        key_file: &str,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> anyhow::Result<rustls::sign::CertifiedKey> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+            .and_then(|it| it.collect::<Result<_, _>>())
+            .map_err(|e| anyhow::anyhow!("METRICS_API_CERT_FILE {cert_file}: {e}"))?;
+        let key = PrivateKeyDer::from_pem_file(key_file)
+            .map_err(|e| anyhow::anyhow!("METRICS_API_KEY_FILE {key_file}: {e}"))?;
+        rustls::sign::CertifiedKey::from_der(certs, key, provider)
+            .map_err(|e| anyhow::anyhow!("METRICS_API_CERT_FILE / METRICS_API_KEY_FILE: {e}"))
+    }
+}
+
+fn modified(cert_file: &str, key_file: &str) -> Option<std::time::SystemTime> {
+    let m = |f: &str| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    m(cert_file).max(m(key_file))
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let mut st = crate::lock(&self.state);
+        if st.0.elapsed() >= Duration::from_secs(10) {
+            st.0 = Instant::now();
+            let now = modified(&self.cert_file, &self.key_file);
+            if now != st.1 {
+                match Self::read(&self.cert_file, &self.key_file, &self.provider) {
+                    Ok(key) => {
+                        tracing::info!("external metrics API: serving certificate reloaded");
+                        *st = (Instant::now(), now, Arc::new(key));
+                    }
+                    // Half-written during a Secret update: keep the old one, try again later.
+                    Err(e) => tracing::warn!(error = %e, "external metrics API: certificate not reloaded"),
+                }
+            }
+        }
+        Some(st.2.clone())
+    }
+}
+
+/// The subject common name of a DER certificate (enough DER to walk to it).
+pub fn subject_cn(der: &[u8]) -> Option<String> {
+    /// One TLV: (tag, contents, rest).
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&len0, mut b) = b.split_first()?;
+        let len = if len0 < 0x80 {
+            len0 as usize
+        } else {
+            let n = (len0 & 0x7f) as usize;
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let len = b[..n].iter().fold(0usize, |a, &x| (a << 8) | x as usize);
+            b = &b[n..];
+            len
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (_, cert, _) = tlv(der)?;
+    let (_, mut tbs, _) = tlv(cert)?;
+    // version [0] (optional), serial, signature, issuer, validity, subject
+    let (tag, _, rest) = tlv(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest;
+    }
+    for _ in 0..4 {
+        tbs = tlv(tbs)?.2;
+    }
+    let (_, mut subject, _) = tlv(tbs)?;
+    let mut cn = None;
+    while !subject.is_empty() {
+        let (_, set, rest) = tlv(subject)?;
+        subject = rest;
+        let (_, atv, _) = tlv(set)?;
+        let (_, oid, rest) = tlv(atv)?;
+        if oid == [0x55, 0x04, 0x03] {
+            let (_, value, _) = tlv(rest)?;
+            cn = Some(String::from_utf8_lossy(value).into_owned());
+        }
+    }
+    cn
 }
 
 /// Connections whose TLS handshake (with a verified client certificate) is done.
@@ -189,7 +329,7 @@ async fn value(
             return status(
                 StatusCode::FORBIDDEN,
                 "Forbidden",
-                format!("{user} may not get {metric} in external.metrics.k8s.io in namespace {ns}"),
+                format!("{user} may not list {metric} in external.metrics.k8s.io in namespace {ns}"),
             )
         }
         Err(e) => return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", format!("authorization: {e}")),
@@ -202,15 +342,15 @@ async fn value(
         Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e),
     };
     let ews: Api<EventWorker> = Api::namespaced(s.0.client.clone(), &ns);
-    let list = match &wanted {
-        Some(name) => match ews.get_opt(name).await {
-            Ok(found) => found.into_iter().collect(),
-            Err(e) => return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
-        },
-        None => match ews.list(&ListParams::default()).await {
-            Ok(l) => l.items,
-            Err(e) => return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
-        },
+    let found = match &wanted {
+        Some(name) => ews.get_opt(name).await.map(|f| f.into_iter().collect::<Vec<_>>()),
+        None => ews.list(&ListParams::default()).await.map(|l| l.items),
+    };
+    let list = match found {
+        Ok(l) => l,
+        // A namespace this operator does not watch (chart watchNamespace): nothing here.
+        Err(kube::Error::Api(e)) if e.code == 403 => vec![],
+        Err(e) => return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
     };
     if let (Some(name), true) = (&wanted, list.is_empty()) {
         return status(StatusCode::NOT_FOUND, "NotFound", format!("no EventWorker {name} in {ns}"));
@@ -268,10 +408,13 @@ impl ApiState {
                 user: Some(user.into()),
                 groups: Some(groups.to_vec()),
                 resource_attributes: Some(ResourceAttributes {
+                    // A read of namespaces/{ns}/{metric} has no object name: the API server
+                    // authorizes it as `list`, so do we.
                     group: Some("external.metrics.k8s.io".into()),
+                    version: Some("v1beta1".into()),
                     resource: Some(metric.into()),
                     namespace: Some(ns.into()),
-                    verb: Some("get".into()),
+                    verb: Some("list".into()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -316,6 +459,18 @@ impl ApiState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `/O=eventworker/CN=front-proxy-client`, issued by `/CN=test-front-proxy-ca` (openssl).
+    const FRONT_PROXY_PEM: &str = include_str!("../tests/front-proxy-client.pem");
+
+    #[test]
+    fn the_subject_cn_of_a_certificate() {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(FRONT_PROXY_PEM.as_bytes()).unwrap();
+        assert_eq!(subject_cn(&der).as_deref(), Some("front-proxy-client"));
+        assert_eq!(subject_cn(&der[..40]), None, "truncated: no name, no panic");
+        assert_eq!(subject_cn(b""), None);
+    }
 
     #[test]
     fn the_selector_names_one_eventworker() {

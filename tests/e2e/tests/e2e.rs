@@ -983,10 +983,7 @@ async fn the_chart_operator_pod_reconciles_cluster_wide() {
         String::from_utf8_lossy(&out.stdout) == "True"
     })
     .await;
-    let path = format!(
-        "/apis/external.metrics.k8s.io/v1beta1/namespaces/{}/eventworker-backlog?labelSelector=eventworker.io%2Fname%3Dorders",
-        other.ns
-    );
+    let path = backlog_metric_path(&other.ns, "orders");
     let raw: Value = serde_json::from_str(&kubectl(&["get", "--raw", &path])).unwrap();
     assert_eq!(raw["items"][0]["value"], "0", "{raw}");
     helm(&["uninstall", &release, "-n", &home.ns, "--wait"]);
@@ -997,6 +994,11 @@ async fn the_chart_operator_pod_reconciles_cluster_wide() {
         .is_some());
     other.cleanup().await;
     home.cleanup().await;
+}
+
+/// The operator's External metric for one EventWorker, as `kubectl get --raw` reads it.
+fn backlog_metric_path(ns: &str, name: &str) -> String {
+    format!("/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/eventworker-backlog?labelSelector=eventworker.io%2Fname%3D{name}")
 }
 
 async fn deployment_replicas(env: &Env, name: &str) -> Option<i32> {
@@ -1327,10 +1329,7 @@ async fn hpa_mode_scales_the_eventworker_on_the_operators_external_metric() {
     env.create_ew("orders", s).await.unwrap();
 
     // The metric, as any client of the API server sees it.
-    let path = format!(
-        "/apis/external.metrics.k8s.io/v1beta1/namespaces/{}/eventworker-backlog?labelSelector=eventworker.io%2Fname%3Dorders",
-        env.ns
-    );
+    let path = backlog_metric_path(&env.ns, "orders");
     let raw: Value = serde_json::from_str(&kubectl(&["get", "--raw", &path])).unwrap();
     assert_eq!(raw["kind"], "ExternalMetricValueList", "{raw}");
     assert_eq!(raw["items"][0]["value"], "5000", "{raw}");
