@@ -25,7 +25,7 @@ use crate::crd::{AutoscalingMode, AutoscalingSpec, EventWorker, StreamStatus};
 use crate::metrics::Metrics;
 use crate::resources::deployment::{secret_refs, SecretData};
 use crate::resources::{self, keda, service_monitor, MANAGER};
-use crate::scaler::{Load, Policy, Scaler, StreamLoad};
+use crate::scaler::{Load, Policy, Scaler};
 use crate::status::{self, Observed, Scaling};
 
 #[derive(Debug, Error)]
@@ -332,20 +332,7 @@ fn scale_builtin(
     read: &Result<(Vec<StreamStatus>, i64), String>,
 ) -> (i32, Scaling) {
     let current = current.unwrap_or(a.min_replicas);
-    let load = read.as_ref().ok().map(|(streams, scheduled)| Load {
-        streams: ew
-            .spec
-            .streams
-            .iter()
-            .zip(streams)
-            .map(|(spec, st)| StreamLoad {
-                backlog: st.backlog,
-                weight: spec.autoscaling_weight.unwrap_or(1.0),
-                oldest_undelivered_age: st.oldest_undelivered_age_seconds,
-            })
-            .collect(),
-        scheduled: *scheduled,
-    });
+    let load = read.as_ref().ok().map(|(streams, scheduled)| Load::from_status(&ew.spec, streams, *scheduled));
     let policy = Policy::from_spec(&ew.spec).expect("autoscaling is set");
     let d = ctx.with_scaler(ew, current, |s, now| s.decide(&policy, load.as_ref(), current, now));
     let last_scale = previous_scale(ew);

@@ -479,7 +479,11 @@ pub enum AutoscalingMode {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
     validation = Rule::new("!has(self.mode) || self.mode != 'hpa' || !has(self.minReplicas) || self.minReplicas >= 1")
-        .message("autoscaling.minReplicas must be at least 1 with mode hpa (a HorizontalPodAutoscaler does not scale to zero)")
+        .message("autoscaling.minReplicas must be at least 1 with mode hpa (a HorizontalPodAutoscaler does not scale to zero)"),
+    validation = Rule::new("!has(self.targetOldestAgeSeconds) || !has(self.mode) || self.mode == 'builtin'")
+        .message("autoscaling.targetOldestAgeSeconds is used by mode builtin only"),
+    validation = Rule::new("!has(self.pollIntervalSeconds) || !has(self.mode) || self.mode != 'hpa'")
+        .message("autoscaling.pollIntervalSeconds is not used with mode hpa (the controller-manager's HPA sync period applies)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
@@ -677,6 +681,8 @@ mod tests {
             "deadLetter.httpUri is required with mode http",
             "autoscaling.minReplicas must not be greater than autoscaling.maxReplicas",
             "autoscaling.minReplicas must be at least 1 with mode hpa",
+            "autoscaling.targetOldestAgeSeconds is used by mode builtin only",
+            "autoscaling.pollIntervalSeconds is not used with mode hpa",
             "stream names are letters",
             "stream names must be unique",
         ] {

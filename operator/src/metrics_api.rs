@@ -442,13 +442,7 @@ impl ApiState {
         let url = crate::status::redis_url(ew, &secrets);
         let names: Vec<String> = ew.spec.streams.iter().map(|s| s.name.clone()).collect();
         let (streams, _) = crate::status::read_backlog(&url, &names, &ew.spec.group, self.0.redis_timeout).await?;
-        let v = ew
-            .spec
-            .streams
-            .iter()
-            .zip(&streams)
-            .map(|(s, st)| s.autoscaling_weight.unwrap_or(1.0) * st.backlog as f64)
-            .sum();
+        let v = crate::scaler::Load::from_status(&ew.spec, &streams, 0).weighted_backlog();
         let mut values = crate::lock(&self.0.values);
         values.retain(|_, (at, _)| at.elapsed() < FRESH);
         values.insert(key, (Instant::now(), v));

@@ -13,7 +13,7 @@ use std::time::Duration;
 use k8s_openapi::api::autoscaling::v2::{HPAScalingRules, HorizontalPodAutoscalerBehavior};
 use tokio::time::Instant;
 
-use crate::crd::{EventWorkerSpec, Ordering, StreamSpec};
+use crate::crd::{EventWorkerSpec, Ordering, StreamSpec, StreamStatus};
 
 /// One stream's share of the signal.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +35,24 @@ pub struct Load {
 }
 
 impl Load {
+    /// The load of an EventWorker's streams as read into its status (same order as
+    /// `spec.streams`), with the streams' weights.
+    pub fn from_status(spec: &EventWorkerSpec, streams: &[StreamStatus], scheduled: i64) -> Self {
+        Load {
+            streams: spec
+                .streams
+                .iter()
+                .zip(streams)
+                .map(|(s, st)| StreamLoad {
+                    backlog: st.backlog,
+                    weight: s.autoscaling_weight.unwrap_or(1.0),
+                    oldest_undelivered_age: st.oldest_undelivered_age_seconds,
+                })
+                .collect(),
+            scheduled,
+        }
+    }
+
     pub fn weighted_backlog(&self) -> f64 {
         self.streams.iter().map(|s| s.backlog.max(0) as f64 * s.weight).sum()
     }

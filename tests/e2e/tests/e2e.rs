@@ -270,6 +270,11 @@ async fn invalid_eventworkers_are_rejected_with_messages() {
         ),
         (
             json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"},
+                   "autoscaling": {"mode": "keda", "maxReplicas": 3, "targetOldestAgeSeconds": 30}}),
+            "autoscaling.targetOldestAgeSeconds is used by mode builtin only",
+        ),
+        (
+            json!({"redis": {"host": "r"}, "target": {"uri": "http://svc"},
                    "streams": [{"name": "a", "autoscalingWeight": 0}]}),
             "streams[].autoscalingWeight must be greater than 0",
         ),
