@@ -38,7 +38,10 @@ async fn refresh(w: &Worker) {
     for name in &w.cfg.streams {
         let key = stream_key(name);
         match backlog::read(&mut con, &key, &w.cfg.group).await {
-            Ok(b) if !b.group_exists => w.health.set_group(&key, false),
+            // Not created yet (or gone): the consumer owns the group's health and recreates it
+            // when its read says NOGROUP. Deciding it here too raced with the creation at
+            // start-up and could leave a healthy worker unready.
+            Ok(b) if !b.group_exists => {}
             Ok(b) => {
                 let m = &w.metrics;
                 let now = backlog::now_unix_ms();
