@@ -9,6 +9,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
+use crate::controller::Liveness;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -16,6 +17,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once the API server answered (as leader or standby).
     pub ready: Arc<AtomicBool>,
+    /// Whether the controller makes progress.
+    pub liveness: Arc<Liveness>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -26,7 +29,15 @@ pub fn router(state: AdminState) -> Router {
                 ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
             }),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(|State(s): State<AdminState>| async move {
+                match s.liveness.check() {
+                    Ok(()) => (StatusCode::OK, "ok".to_string()).into_response(),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(s): State<AdminState>| async move {
@@ -49,7 +60,8 @@ mod tests {
 
     #[tokio::test]
     async fn endpoints() {
-        let s = AdminState { metrics: Arc::new(Metrics::new()), ready: Arc::new(AtomicBool::new(false)) };
+        let liveness = Arc::new(Liveness::new(std::time::Duration::from_secs(30)));
+        let s = AdminState { metrics: Arc::new(Metrics::new()), ready: Arc::new(AtomicBool::new(false)), liveness };
         let get = |path: &'static str| {
             let r = router(s.clone());
             async move { r.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap().status() }

@@ -3,13 +3,18 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint, Volume,
+    VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Default worker image; the chart sets the real registry and tag.
+/// Worker image of EventWorkers without `spec.image` when the operator is given none
+/// (`DEFAULT_WORKER_IMAGE`, chart value `workerImage`): the operator's own version, so an
+/// operator upgrade moves such workers to the matching worker.
 pub const DEFAULT_IMAGE: &str = concat!("eventworker:", env!("CARGO_PKG_VERSION"));
 
 /// An eventworker deployment: Redis streams delivered to an HTTP target, with retries and a
@@ -56,9 +61,13 @@ pub struct EventWorkerSpec {
     // Bounds keep the API server's CEL cost estimate within budget.
     #[schemars(length(max = 32))]
     pub streams: Vec<StreamSpec>,
-    /// Consumer group shared by all workers of this EventWorker.
-    #[serde(default = "default_group")]
-    pub group: String,
+    /// Consumer group shared by the workers of this EventWorker. Default: the EventWorker's
+    /// name, so two EventWorkers reading the same streams on one Redis each get every event
+    /// instead of splitting them. Set `workers` to take over the group of the original
+    /// Python worker (and its pending entries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 200))]
+    pub group: Option<String>,
     /// Prefix of consumer names (`<prefix>-<stream>-<pod>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer_prefix: Option<String>,
@@ -88,12 +97,38 @@ pub struct EventWorkerSpec {
     #[serde(default)]
     pub flow_control: FlowControlSpec,
 
-    /// Worker container image.
-    #[serde(default = "default_image")]
-    pub image: String,
+    /// Worker container image (registry/repository:tag or @digest). Default: the operator's
+    /// worker image (chart value `workerImage`), which follows operator upgrades; the image
+    /// in use is in `status.image`. `eventworker:0.1.0`, which 0.1 stored as the default,
+    /// counts as unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
     /// Image pull policy (Always, IfNotPresent, Never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self in ['Always', 'IfNotPresent', 'Never']")
+        .message("imagePullPolicy must be Always, IfNotPresent or Never"))]
     pub image_pull_policy: Option<String>,
+    /// Secrets for pulling the worker image from a private registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
+    /// PriorityClass of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// How the worker pods spread over zones and nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// Extra environment variables of the worker container (e.g. RUST_LOG, OTEL_*); names
+    /// the operator renders from the spec are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+    /// Extra volumes of the worker pods (CA bundles, a writable directory for a `sqlite://`
+    /// dead-letter store: the root filesystem is read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<Volume>>,
+    /// Where the extra volumes are mounted in the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mounts: Option<Vec<VolumeMount>>,
     /// Number of worker pods (not applied while `autoscaling` is set: the autoscaler owns
     /// the count). `kubectl scale` and a HorizontalPodAutoscaler (`kubectl autoscale ew`)
     /// set it through the scale subresource.
@@ -227,15 +262,22 @@ pub struct TargetSpec {
         .message("target.uri must start with http:// or https://"))]
     #[schemars(length(max = 2048))]
     pub uri: String,
-    /// Connect timeout in seconds.
+    /// Connect timeout in seconds (0.1 to 300).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.1 && self <= 300.0").message("target.connectTimeoutSeconds must be between 0.1 and 300"))]
     pub connect_timeout_seconds: Option<f64>,
-    /// Response timeout in seconds.
+    /// Response timeout in seconds (0.1 to 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.1 && self <= 3600.0").message("target.readTimeoutSeconds must be between 0.1 and 3600"))]
     pub read_timeout_seconds: Option<f64>,
-    /// Extra headers sent with every delivery.
+    /// Extra headers sent with every delivery (plain values; use `headersFrom` for secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<BTreeMap<String, String>>,
+    /// Extra headers whose values come from Secret keys (API keys, bearer tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y.name.lowerAscii() == x.name.lowerAscii()))").message("target.headersFrom names must be unique"))]
+    #[schemars(length(max = 16))]
+    pub headers_from: Option<Vec<HeaderFromSecret>>,
     /// Secret key holding a Standard Webhooks signing secret; requests are signed when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_secret_ref: Option<SecretKeyRef>,
@@ -254,6 +296,18 @@ pub struct TargetSpec {
         .message("target.deniedNetworks items are IP addresses or CIDRs"))]
     #[schemars(length(max = 64), inner(length(max = 64)))]
     pub denied_networks: Option<Vec<String>>,
+}
+
+/// A delivery header whose value is a Secret key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderFromSecret {
+    /// Header name, e.g. `Authorization`.
+    #[x_kube(validation = Rule::new("self.matches('^[!#$%&\\'*+.^_`|~0-9A-Za-z-]+$')").message("target.headersFrom[].name must be an HTTP header name"))]
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+    /// The Secret key holding the value.
+    pub secret_key_ref: SecretKeyRef,
 }
 
 /// Per-host flow control: a concurrency limit per target host (adaptive by default, never
@@ -323,6 +377,10 @@ pub enum HostConcurrency {
 
 /// Retry behaviour.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("!has(self.hostBackoffSeconds) || !has(self.hostBackoffMaxSeconds) || self.hostBackoffSeconds <= self.hostBackoffMaxSeconds")
+        .message("retry.hostBackoffSeconds must not be greater than retry.hostBackoffMaxSeconds")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct RetrySpec {
     /// Failed attempts before an event is dead-lettered (default 5).
@@ -331,9 +389,11 @@ pub struct RetrySpec {
     pub max_attempts: Option<i32>,
     /// Base delay in seconds for a 429 without Retry-After (doubles per attempt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("retry.backoffSeconds must be positive"))]
     pub backoff_seconds: Option<f64>,
-    /// Seconds before another consumer's idle pending entry is taken over.
+    /// Seconds before another consumer's idle pending entry is taken over (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1.0").message("retry.claimIdleSeconds must be at least 1"))]
     pub claim_idle_seconds: Option<f64>,
     /// First retry delay in seconds after a 502/503/504, timeout or connect error (default
     /// 1; doubles per failed attempt, with jitter).
@@ -432,7 +492,7 @@ pub struct MetricsSpec {
     pub service_monitor: ServiceMonitorSpec,
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceMonitorSpec {
     /// Create the ServiceMonitor.
@@ -440,6 +500,9 @@ pub struct ServiceMonitorSpec {
     pub enabled: bool,
     /// Scrape interval, e.g. 30s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$') && self != ''")
+        .message("metrics.serviceMonitor.interval must be a Prometheus duration such as 30s or 1m"))]
+    #[schemars(length(max = 32))]
     pub interval: Option<String>,
     /// Extra labels (for the Prometheus instance's selector).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -528,15 +591,23 @@ impl AutoscalingSpec {
 }
 
 /// What the operator observed.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct EventWorkerStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Progressing and Degraded.
+    /// Ready, Progressing, Degraded, RedisReachable (and ScalingActive / ScalingLimited
+    /// with autoscaling), one per type.
     #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// The worker image the Deployment runs (spec.image or the operator's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The consumer group the workers use (spec.group or the EventWorker's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Worker pods desired by the Deployment.
     #[serde(default)]
     pub replicas: i32,
@@ -546,8 +617,9 @@ pub struct EventWorkerStatus {
     /// Label selector of the worker pods (for the scale subresource).
     #[serde(default)]
     pub selector: String,
-    /// Per-stream backlog read from Redis.
+    /// Per-stream backlog read from Redis, one per stream key.
     #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub streams: Vec<StreamStatus>,
     /// Sum of the streams' undelivered entries.
     #[serde(default)]
@@ -583,21 +655,27 @@ pub struct AutoscalingStatus {
     pub last_scale_reason: Option<String>,
 }
 
+/// A condition with `metav1.Condition`'s semantics: the transition time moves only when
+/// the status does.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// Ready, Progressing or Degraded.
+    /// Ready, Progressing, Degraded, RedisReachable, ScalingActive or ScalingLimited.
     #[serde(rename = "type")]
+    #[schemars(length(min = 1, max = 316))]
     pub type_: String,
     /// True, False or Unknown.
+    #[schemars(extend("enum" = ["True", "False", "Unknown"]))]
     pub status: String,
-    /// One-word reason.
+    /// One-word reason, CamelCase.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"))]
     pub reason: String,
     /// Human-readable detail.
     #[serde(default)]
     pub message: String,
     /// When the status last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub last_transition_time: Option<String>,
     /// The generation this condition was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -637,12 +715,6 @@ fn yes() -> bool {
 
 fn default_streams() -> Vec<StreamSpec> {
     ["critical", "fast", "default", "slow"].map(StreamSpec::named).to_vec()
-}
-fn default_group() -> String {
-    "workers".into()
-}
-fn default_image() -> String {
-    DEFAULT_IMAGE.into()
 }
 fn default_replicas() -> i32 {
     1
@@ -700,7 +772,7 @@ mod tests {
             spec.streams.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
             ["critical", "fast", "default", "slow"]
         );
-        assert_eq!(spec.group, "workers");
+        assert_eq!((spec.group.as_deref(), spec.image.as_deref()), (None, None), "resolved per object at reconcile");
         assert_eq!(spec.replicas, 1);
         assert_eq!(spec.redis.port, 6379);
         assert_eq!(spec.dead_letter.mode, DeadLetterMode::Console);

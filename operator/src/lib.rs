@@ -6,6 +6,7 @@ pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod metrics_api;
+pub mod redis_pool;
 pub mod resources;
 pub mod scaler;
 pub mod status;

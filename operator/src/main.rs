@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use eventworker_operator::admin::{self, AdminState};
-use eventworker_operator::controller::{self, Context};
+use eventworker_operator::controller::{self, Context, Liveness, Settings};
 use eventworker_operator::leader::Elector;
 use eventworker_operator::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -27,12 +27,28 @@ struct Args {
     /// This replica's identity in the Lease (defaults to the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Seconds a leader's lease lasts without renewal.
+    /// Seconds a leader's lease lasts without renewal (at least 2).
     #[arg(long, env = "LEASE_DURATION", default_value_t = 15)]
     lease_duration: u64,
-    /// Seconds between looks at a healthy EventWorker (lag, readiness).
+    /// Seconds between a standby's tries for the lease and the leader's renewals (less than
+    /// LEASE_DURATION).
+    #[arg(long, env = "LEASE_RETRY_SECONDS", default_value_t = 2.0)]
+    lease_retry_seconds: f64,
+    /// Seconds between looks at a healthy EventWorker (backlog, readiness), ±10 %.
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 30)]
     resync_seconds: u64,
+    /// Most EventWorkers reconciled at once.
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 8)]
+    max_concurrent_reconciles: u16,
+    /// Worker image of EventWorkers that set no spec.image (the chart's `workerImage`).
+    #[arg(long, env = "DEFAULT_WORKER_IMAGE", default_value = eventworker_operator::crd::DEFAULT_IMAGE)]
+    default_worker_image: String,
+    /// Secret salt of the worker pods' config hash (the chart generates one).
+    #[arg(long, env = "CONFIG_HASH_SALT", default_value = "", hide_env_values = true)]
+    config_hash_salt: String,
+    /// Seconds to wait for an EventWorker's Redis when reading its backlog.
+    #[arg(long, env = "REDIS_TIMEOUT_SECONDS", default_value_t = 3.0)]
+    redis_timeout_seconds: f64,
     /// Only reconcile EventWorkers in this namespace (default: all namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -59,12 +75,44 @@ enum Cmd {
     Run,
 }
 
+/// A setting that cannot work stops start-up, naming it.
+fn check(args: &Args) -> Result<(), String> {
+    if args.lease_duration < 2 {
+        return Err(format!("LEASE_DURATION={}: must be at least 2 seconds", args.lease_duration));
+    }
+    if !(args.lease_retry_seconds >= 0.1 && args.lease_retry_seconds < args.lease_duration as f64) {
+        return Err(format!(
+            "LEASE_RETRY_SECONDS={}: must be at least 0.1 and less than LEASE_DURATION ({})",
+            args.lease_retry_seconds, args.lease_duration
+        ));
+    }
+    if args.resync_seconds == 0 {
+        return Err("RESYNC_SECONDS=0: must be at least 1".into());
+    }
+    if args.max_concurrent_reconciles == 0 {
+        return Err("MAX_CONCURRENT_RECONCILES=0: must be at least 1".into());
+    }
+    if !(args.redis_timeout_seconds >= 0.1 && args.redis_timeout_seconds <= 60.0) {
+        return Err(format!("REDIS_TIMEOUT_SECONDS={}: must be between 0.1 and 60", args.redis_timeout_seconds));
+    }
+    if args.default_worker_image.trim().is_empty() || args.default_worker_image.contains(char::is_whitespace) {
+        return Err(format!("DEFAULT_WORKER_IMAGE={:?}: not an image reference", args.default_worker_image));
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(Cmd::Crd) = args.command {
-        print!("{}", eventworker_operator::crd_yaml());
+        use std::io::Write;
+        // A closed pipe (`| head`) ends the command quietly.
+        let _ = std::io::stdout().write_all(eventworker_operator::crd_yaml().as_bytes());
         return Ok(());
+    }
+    if let Err(e) = check(&args) {
+        eprintln!("eventworker-operator: {e}");
+        std::process::exit(2);
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -74,15 +122,27 @@ async fn main() -> anyhow::Result<()> {
         fmt.init();
     }
 
-    let client = kube::Client::try_default()
+    let metrics = Arc::new(Metrics::new());
+    let config = kube::Config::infer()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API (KUBECONFIG / in-cluster config): {e}"))?;
-    let metrics = Arc::new(Metrics::new());
+    let client =
+        metrics.counted_client(config).map_err(|e| anyhow::anyhow!("cannot build a Kubernetes client: {e}"))?;
+    let settings = Settings {
+        defaults: eventworker_operator::resources::Defaults {
+            image: args.default_worker_image.clone(),
+            hash_salt: args.config_hash_salt.clone(),
+        },
+        redis_timeout: Duration::from_secs_f64(args.redis_timeout_seconds),
+        resync: Duration::from_secs(args.resync_seconds),
+        concurrency: args.max_concurrent_reconciles,
+    };
+    let liveness = Arc::new(Liveness::new(settings.resync));
     let ready = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", args.metrics_port))
         .await
         .map_err(|e| anyhow::anyhow!("METRICS_PORT {}: {e}", args.metrics_port))?;
-    let app = admin::router(AdminState { metrics: metrics.clone(), ready: ready.clone() });
+    let app = admin::router(AdminState { metrics: metrics.clone(), ready: ready.clone(), liveness: liveness.clone() });
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let shutdown = CancellationToken::new();
@@ -116,16 +176,19 @@ async fn main() -> anyhow::Result<()> {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "operator".into())
     });
-    let elector = Elector::new(
+    let elector = Arc::new(Elector::new(
         client.clone(),
         &args.lease_namespace,
         &args.lease_name,
         &identity,
-        Duration::from_secs(args.lease_duration.max(3)),
-    );
+        Duration::from_secs(args.lease_duration),
+        Duration::from_secs_f64(args.lease_retry_seconds),
+    ));
     // Stand by until we hold the lease.
     loop {
-        match tokio::time::timeout(elector.renew_every(), elector.try_acquire_or_renew()).await {
+        match tokio::time::timeout(elector.retry_period().max(Duration::from_secs(2)), elector.try_acquire_or_renew())
+            .await
+        {
             Ok(Ok(true)) => break,
             Ok(Ok(false)) => {
                 ready.store(true, Ordering::Relaxed);
@@ -135,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
             Err(_) => tracing::warn!("leader election timed out; retrying"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(elector.renew_every()) => {}
+            _ = tokio::time::sleep(elector.retry_period()) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
@@ -147,14 +210,14 @@ async fn main() -> anyhow::Result<()> {
     // duration, counted from the start of the last successful renewal), or another replica
     // holds it, exit at once: a standby may take over after the full duration, and draining
     // first could leave two leaders for a moment. Kubernetes restarts this pod as a standby.
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        let deadline = Duration::from_secs(args.lease_duration.max(3)) * 2 / 3;
+    let renewing = tokio::spawn({
+        let (shutdown, elector) = (shutdown.clone(), elector.clone());
+        let deadline = Duration::from_secs(args.lease_duration) * 2 / 3;
         async move {
             let mut renewed_at = std::time::Instant::now();
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(elector.renew_every()) => {}
+                    _ = tokio::time::sleep(elector.retry_period()) => {}
                     _ = shutdown.cancelled() => return,
                 }
                 let started = std::time::Instant::now();
@@ -176,8 +239,17 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
-    let mut ctx = Context::new(client, metrics);
-    ctx.resync = Duration::from_secs(args.resync_seconds.max(1));
+    let ctx = Context::new(client, metrics.clone(), settings).with_liveness(liveness);
     controller::run(Arc::new(ctx), shutdown, args.watch_namespace.filter(|n| !n.is_empty())).await;
+    // Stopped (SIGTERM): no more reconciles; hand the lease over at once.
+    let _ = renewing.await;
+    metrics.leader.set(0);
+    match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+        Ok(Ok(())) => tracing::info!("leader lease released"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not release the leader lease; a standby takes it when it expires")
+        }
+        Err(_) => tracing::warn!("releasing the leader lease timed out"),
+    }
     Ok(())
 }

@@ -10,6 +10,11 @@ pub struct Metrics {
     pub failures: IntCounterVec,
     pub duration: Histogram,
     pub leader: IntGauge,
+    /// Child applies by result: applied, unchanged (skipped), failed, conflict.
+    pub applies: IntCounterVec,
+    pub status_writes: IntCounter,
+    /// Requests to the Kubernetes API server by verb (GET, PATCH, ...; watches included).
+    pub kube_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -29,15 +34,34 @@ impl Metrics {
         .expect("valid metric");
         let leader = IntGauge::new("eventworker_operator_leader", "1 while this replica holds the leader lease")
             .expect("valid metric");
+        let applies = IntCounterVec::new(
+            Opts::new(
+                "eventworker_operator_applies_total",
+                "Child objects applied, by result (applied, unchanged, failed, conflict)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let status_writes =
+            IntCounter::new("eventworker_operator_status_writes_total", "EventWorker status updates written")
+                .expect("valid metric");
+        let kube_requests = IntCounterVec::new(
+            Opts::new("eventworker_operator_kube_requests_total", "Requests to the Kubernetes API server, by method"),
+            &["method"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(leader.clone()),
+            Box::new(applies.clone()),
+            Box::new(status_writes.clone()),
+            Box::new(kube_requests.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { registry, reconciles, failures, duration, leader }
+        Self { registry, reconciles, failures, duration, leader, applies, status_writes, kube_requests }
     }
 
     pub fn observe(&self, took: Duration, error_kind: Option<&str>) {
@@ -46,6 +70,16 @@ impl Metrics {
         if let Some(kind) = error_kind {
             self.failures.with_label_values(&[kind]).inc();
         }
+    }
+
+    /// A kube client whose requests are counted in `kube_requests`.
+    pub fn counted_client(self: &std::sync::Arc<Self>, config: kube::Config) -> Result<kube::Client, kube::Error> {
+        let metrics = self.clone();
+        let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+            metrics.kube_requests.with_label_values(&[req.method().as_str()]).inc();
+            req
+        });
+        Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&layer).build())
     }
 
     pub fn render(&self) -> String {

@@ -41,7 +41,7 @@ const AUTHZ_FRESH: Duration = Duration::from_secs(30);
 
 struct Inner {
     client: Client,
-    redis_timeout: Duration,
+    redis: crate::redis_pool::RedisPool,
     values: Mutex<HashMap<(String, String), (Instant, f64)>>,
     decisions: Mutex<HashMap<String, (Instant, bool)>>,
 }
@@ -99,7 +99,7 @@ pub async fn serve(
     });
     let state = ApiState(Arc::new(Inner {
         client,
-        redis_timeout: Duration::from_secs(3),
+        redis: crate::redis_pool::RedisPool::new(Duration::from_secs(3)),
         values: Mutex::default(),
         decisions: Mutex::default(),
     }));
@@ -441,7 +441,8 @@ impl ApiState {
         let (secrets, _) = crate::controller::read_secrets(&self.0.client, ew, &ns).await.map_err(|e| e.to_string())?;
         let url = crate::status::redis_url(ew, &secrets);
         let names: Vec<String> = ew.spec.streams.iter().map(|s| s.name.clone()).collect();
-        let (streams, _) = crate::status::read_backlog(&url, &names, &ew.spec.group, self.0.redis_timeout).await?;
+        let group = crate::resources::deployment::group(ew);
+        let (streams, _) = self.0.redis.read_backlog(&url, &names, &group).await?;
         let v = crate::scaler::Load::from_status(&ew.spec, &streams, 0).weighted_backlog();
         let mut values = crate::lock(&self.0.values);
         values.retain(|_, (at, _)| at.elapsed() < FRESH);

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use eventworker_operator::controller::{error_policy, reconcile, Context, Error};
+use eventworker_operator::controller::{error_policy, reconcile, Context, Error, Settings};
 use eventworker_operator::metrics::Metrics;
 use eventworker_operator::EventWorker;
 use kube::runtime::controller::Action;
@@ -26,8 +26,15 @@ struct Req {
 #[derive(Clone, Default)]
 struct ApiState {
     log: Arc<Mutex<Vec<Req>>>,
-    /// Objects the GETs find, by path.
+    /// Objects the GETs find, by path; applies store what they applied.
     objects: Arc<Mutex<BTreeMap<String, Value>>>,
+    /// PATCH and PUT refusals by path: (code, message).
+    refuse: Arc<Mutex<BTreeMap<String, (u16, String)>>>,
+    versions: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message})
 }
 
 async fn api(State(s): State<ApiState>, method: Method, uri: Uri, body: Bytes) -> Response {
@@ -39,16 +46,19 @@ async fn api(State(s): State<ApiState>, method: Method, uri: Uri, body: Bytes) -
         query: uri.query().unwrap_or("").into(),
         body: body.clone(),
     });
-    let not_found = || {
-        (StatusCode::NOT_FOUND, axum::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})))
-            .into_response()
-    };
+    let not_found = || (StatusCode::NOT_FOUND, axum::Json(status_body(404, "NotFound", "not found"))).into_response();
+    if let Some((code, msg)) = s.refuse.lock().unwrap().get(&path).cloned() {
+        if method == Method::PATCH || method == Method::PUT {
+            let code = StatusCode::from_u16(code).unwrap();
+            return (code, axum::Json(status_body(code.as_u16(), "Invalid", &msg))).into_response();
+        }
+    }
+    let rv = s.versions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     match method {
         Method::GET => match s.objects.lock().unwrap().get(&path) {
             Some(v) => axum::Json(v.clone()).into_response(),
             None => not_found(),
         },
-        // Server-side apply answers with the object; POST (events) with what was created.
         // A status patch answers with the whole object, status merged in.
         Method::PATCH if path.ends_with("/status") => {
             let base = s.objects.lock().unwrap().get(path.trim_end_matches("/status")).cloned();
@@ -60,11 +70,20 @@ async fn api(State(s): State<ApiState>, method: Method, uri: Uri, body: Bytes) -
                 None => not_found(),
             }
         }
-        Method::PATCH | Method::POST => {
+        // Server-side apply stores and answers with the object; POST (events, Secrets) and
+        // PUT (Leases) answer with what was written.
+        Method::PATCH | Method::POST | Method::PUT => {
             let mut obj = body;
             if obj.get("metadata").is_some() {
-                obj["metadata"]["uid"] = json!("uid-1");
-                obj["metadata"]["resourceVersion"] = json!("1");
+                obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
+                obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                if method == Method::PATCH {
+                    let mut objects = s.objects.lock().unwrap();
+                    let generation = objects.get(&path).and_then(|o| o["metadata"]["generation"].as_i64()).unwrap_or(0);
+                    let same = objects.get(&path).is_some_and(|o| o["spec"] == obj["spec"]);
+                    obj["metadata"]["generation"] = json!(if same { generation } else { generation + 1 });
+                    objects.insert(path.clone(), obj.clone());
+                }
             }
             (if method == Method::POST { StatusCode::CREATED } else { StatusCode::OK }, axum::Json(obj)).into_response()
         }
@@ -93,14 +112,21 @@ impl MockApi {
         self.state.objects.lock().unwrap().insert(path.into(), obj);
     }
 
+    fn get(&self, path: &str) -> Option<Value> {
+        self.state.objects.lock().unwrap().get(path).cloned()
+    }
+
+    fn refuse(&self, path: &str, code: u16, message: &str) {
+        self.state.refuse.lock().unwrap().insert(path.into(), (code, message.into()));
+    }
+
     fn take(&self) -> Vec<Req> {
         std::mem::take(&mut *self.state.log.lock().unwrap())
     }
 
     fn ctx(&self) -> Arc<Context> {
-        let mut ctx = Context::new(self.client.clone(), Arc::new(Metrics::new()));
-        ctx.redis_timeout = std::time::Duration::from_millis(500);
-        Arc::new(ctx)
+        let settings = Settings { redis_timeout: std::time::Duration::from_millis(500), ..Default::default() };
+        Arc::new(Context::new(self.client.clone(), Arc::new(Metrics::new()), settings))
     }
 }
 
@@ -145,23 +171,76 @@ fn secret(value: &str) -> Value {
            "data": {"password": base64::engine::general_purpose::STANDARD.encode(value)}})
 }
 
+const DEPLOY_PATH: &str = "/apis/apps/v1/namespaces/shop/deployments/orders";
+
+fn condition(status: &Value, type_: &str) -> (String, String, String) {
+    let c = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == type_).unwrap();
+    (c["status"].as_str().unwrap().into(), c["reason"].as_str().unwrap().into(), c["message"].as_str().unwrap().into())
+}
+
+fn events<'a>(log: &'a [Req], reason: &str) -> Vec<&'a Req> {
+    log.iter()
+        .filter(|r| r.method == Method::POST && r.path.ends_with("/events") && r.body["reason"] == reason)
+        .collect()
+}
+
+/// The EventWorker with the status the last reconcile wrote, as the next one sees it.
+fn with_written_status(ew: &EventWorker, log: &[Req]) -> Arc<EventWorker> {
+    let mut ew = ew.clone();
+    let st = &patches(log, "/eventworkers/orders/status").last().expect("a status write").body["status"];
+    ew.status = Some(serde_json::from_value(st.clone()).unwrap());
+    Arc::new(ew)
+}
+
+fn requeue_within(action: &Action, lo: u64, hi: u64) {
+    let d = action.requeue_after().unwrap_or_else(|| panic!("{action:?} requeues"));
+    assert!(
+        d >= std::time::Duration::from_secs(lo) && d <= std::time::Duration::from_secs(hi),
+        "{d:?} not in {lo}..{hi}s"
+    );
+}
+
+trait RequeueAfter {
+    fn requeue_after(&self) -> Option<std::time::Duration>;
+}
+
+impl RequeueAfter for Action {
+    fn requeue_after(&self) -> Option<std::time::Duration> {
+        // Action keeps its delay private; its Debug form shows it (`Some(29.5s)`, `Some(950ms)`).
+        let dbg = format!("{self:?}");
+        let d = dbg.split("Some(").nth(1)?.split(')').next()?;
+        let (num, unit) = d.split_at(d.find(|c: char| c.is_ascii_alphabetic() || c == 'µ')?);
+        let n: f64 = num.parse().ok()?;
+        let secs = match unit {
+            "s" => n,
+            "ms" => n / 1e3,
+            "µs" => n / 1e6,
+            "ns" => n / 1e9,
+            _ => return None,
+        };
+        Some(std::time::Duration::from_secs_f64(secs))
+    }
+}
+
 #[tokio::test]
 async fn create_applies_children_with_one_field_manager_and_reports_status() {
     let api = MockApi::start().await;
     api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw1"));
     let action = reconcile(worker(&api, spec()), api.ctx()).await.expect("reconcile");
-    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(30)));
+    requeue_within(&action, 27, 33);
     let log = api.take();
 
-    let deploys = patches(&log, "/apis/apps/v1/namespaces/shop/deployments/orders");
+    let deploys = patches(&log, DEPLOY_PATH);
     assert_eq!(deploys.len(), 1);
     let d = &deploys[0];
     assert!(d.query.contains("fieldManager=eventworker-operator") && d.query.contains("force=true"), "{}", d.query);
     let env = env_of(&d.body);
     assert_eq!(env["STREAMS"]["value"], "fast");
     assert_eq!(env["REDIS_URL"]["value"], "redis://127.0.0.1:1");
+    assert_eq!(env["GROUP"]["value"], "orders", "each EventWorker its own consumer group");
     assert_eq!(env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"], "redis");
     assert_eq!(d.body["metadata"]["ownerReferences"][0]["uid"], "ew-uid");
+    assert_eq!(d.body["spec"]["template"]["spec"]["containers"][0]["image"], eventworker_operator::crd::DEFAULT_IMAGE);
     // The admin API always has a token: generated into an owned Secret when none is given.
     assert_eq!(env["ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"], "orders-admin");
     let created: Vec<&Req> =
@@ -176,71 +255,178 @@ async fn create_applies_children_with_one_field_manager_and_reports_status() {
     assert!(services[0].query.contains("fieldManager=eventworker-operator"));
     assert!(patches(&log, "/poddisruptionbudgets/orders").is_empty(), "no PDB unless asked");
     assert!(patches(&log, "/servicemonitors/orders").is_empty(), "no ServiceMonitor unless asked");
+    assert!(
+        !log.iter().any(|r| r.path.contains("/secrets") && r.query.contains("watch")),
+        "Secrets are never listed or watched"
+    );
 
     let status = patches(&log, "/eventworkers/orders/status");
     assert_eq!(status.len(), 1);
     let st = &status[0].body["status"];
     assert_eq!(st["observedGeneration"], 2);
-    let degraded = st["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap();
-    assert_eq!((degraded["status"].as_str(), degraded["reason"].as_str()), (Some("True"), Some("RedisUnreachable")));
-    assert!(
-        log.iter().any(|r| r.method == Method::POST && r.path.contains("/events")),
-        "a Kubernetes Event is published"
-    );
+    assert_eq!(st["image"], eventworker_operator::crd::DEFAULT_IMAGE);
+    assert_eq!(st["group"], "orders");
+    let (s, reason, msg) = condition(st, "RedisReachable");
+    assert_eq!((s.as_str(), reason.as_str()), ("False", "Unreachable"));
+    assert_eq!(msg, "redis at 127.0.0.1:1: connection refused", "sanitised: no password, the server's address");
+    assert_eq!(condition(st, "Degraded").0, "False", "an unreachable Redis is not the operator's failure");
+    assert_eq!(events(&log, "RedisUnreachable").len(), 1, "a Kubernetes Event is published");
 }
 
 #[tokio::test]
-async fn unchanged_spec_is_a_no_op_and_a_secret_change_rolls() {
+async fn unchanged_objects_are_not_written_again_and_a_secret_change_rolls() {
     let api = MockApi::start().await;
     api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw1"));
     let ew = worker(&api, spec());
-    reconcile(ew.clone(), api.ctx()).await.unwrap();
-    let first = patches(&api.take(), "/deployments/orders")[0].body.clone();
-    reconcile(ew.clone(), api.ctx()).await.unwrap();
-    let second = patches(&api.take(), "/deployments/orders")[0].body.clone();
-    assert_eq!(first["spec"], second["spec"], "same spec, same Secret: the applied Deployment is identical");
+    let ctx = api.ctx();
+    reconcile(ew.clone(), ctx.clone()).await.unwrap();
+    let log = api.take();
+    let first = patches(&log, DEPLOY_PATH)[0].body.clone();
+    let ew = with_written_status(&ew, &log);
+
+    reconcile(ew.clone(), ctx.clone()).await.unwrap();
+    let log = api.take();
+    let writes: Vec<_> =
+        log.iter().filter(|r| r.method != Method::GET).map(|r| format!("{} {}", r.method, r.path)).collect();
+    assert!(writes.is_empty(), "nothing changed, nothing written (children, status, events): {writes:?}");
+
+    // Drift: someone edits the Deployment (its generation moves): applied again.
+    let mut drifted = api.get(DEPLOY_PATH).unwrap();
+    drifted["spec"]["template"]["spec"]["containers"][0]["image"] = json!("someone/else:1");
+    drifted["metadata"]["generation"] = json!(7);
+    api.put(DEPLOY_PATH, drifted);
+    reconcile(ew.clone(), ctx.clone()).await.unwrap();
+    let reverted = patches(&api.take(), DEPLOY_PATH)[0].body.clone();
+    assert_eq!(reverted["spec"], first["spec"], "drift reverted to what the spec says");
 
     api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw2"));
-    reconcile(ew.clone(), api.ctx()).await.unwrap();
-    let third = patches(&api.take(), "/deployments/orders")[0].body.clone();
+    reconcile(ew.clone(), ctx.clone()).await.unwrap();
+    let third = patches(&api.take(), DEPLOY_PATH)[0].body.clone();
     assert_ne!(hash_of(&first), hash_of(&third), "a Secret change changes the pod-template hash");
 
     let mut changed = (*ew).clone();
     changed.spec.target.uri = "http://orders-api/v2/events".into();
-    reconcile(Arc::new(changed), api.ctx()).await.unwrap();
-    let fourth = patches(&api.take(), "/deployments/orders")[0].body.clone();
+    reconcile(Arc::new(changed), ctx.clone()).await.unwrap();
+    let fourth = patches(&api.take(), DEPLOY_PATH)[0].body.clone();
     assert_eq!(env_of(&fourth)["DEFAULT_WORKER_URI"]["value"], "http://orders-api/v2/events");
     assert_ne!(hash_of(&third), hash_of(&fourth));
 }
 
 #[tokio::test]
-async fn a_missing_secret_degrades() {
+async fn a_missing_secret_degrades_and_is_looked_for_again_soon() {
     let api = MockApi::start().await;
-    reconcile(worker(&api, spec()), api.ctx()).await.unwrap();
+    let action = reconcile(worker(&api, spec()), api.ctx()).await.unwrap();
+    requeue_within(&action, 8, 12);
     let log = api.take();
-    let st = &patches(&log, "/status")[0].body["status"];
-    let degraded = st["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap();
-    assert_eq!(degraded["reason"], "SecretMissing");
-    assert!(degraded["message"].as_str().unwrap().contains("redis/password"));
+    let (s, reason, msg) = condition(&patches(&log, "/status")[0].body["status"], "Degraded");
+    assert_eq!((s.as_str(), reason.as_str()), ("True", "SecretMissing"));
+    assert!(msg.contains("redis/password"));
 }
 
 #[tokio::test]
-async fn invalid_spec_applies_nothing_and_waits_for_a_change() {
+async fn invalid_spec_applies_nothing_keeps_the_scale_and_waits_for_a_change() {
     let api = MockApi::start().await;
+    api.put(
+        DEPLOY_PATH,
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "orders", "namespace": "shop", "generation": 4,
+                            "ownerReferences": [{"apiVersion": "eventworker.io/v1alpha1", "kind": "EventWorker", "name": "orders", "uid": "ew-uid", "controller": true}]},
+               "spec": {"replicas": 3, "selector": {"matchLabels": {"a": "b"}}, "template": {}},
+               "status": {"observedGeneration": 4, "replicas": 3, "readyReplicas": 3, "availableReplicas": 3, "updatedReplicas": 3}}),
+    );
     let mut s = spec();
     s["redis"]["url"] = json!("redis://also-set:6379");
     let ew = worker(&api, s);
-    let err = reconcile(ew.clone(), api.ctx()).await.expect_err("invalid");
+    let ctx = api.ctx();
+    let err = reconcile(ew.clone(), ctx.clone()).await.expect_err("invalid");
     assert!(matches!(err, Error::InvalidSpec(_)), "{err}");
     let log = api.take();
-    assert!(patches(&log, "/deployments/orders").is_empty());
+    assert!(patches(&log, DEPLOY_PATH).is_empty());
     let st = &patches(&log, "/status")[0].body["status"];
-    assert!(st["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c["reason"] == "InvalidSpec" && c["type"] == "Ready" && c["status"] == "False"));
-    assert_eq!(error_policy(ew, &err, api.ctx()), Action::await_change());
+    assert_eq!(condition(st, "Degraded").1, "InvalidSpec");
+    assert_eq!(
+        (st["replicas"].as_i64(), st["readyReplicas"].as_i64()),
+        (Some(3), Some(3)),
+        "the scale subresource stays true"
+    );
+    assert_eq!(st["selector"], "app.kubernetes.io/instance=orders,app.kubernetes.io/name=eventworker");
+    assert_eq!(events(&log, "InvalidSpec").len(), 1);
+    assert_eq!(error_policy(ew.clone(), &err, ctx.clone()), Action::await_change());
+
+    let ew = with_written_status(&ew, &log);
+    reconcile(ew, ctx).await.expect_err("still invalid");
+    let log = api.take();
+    assert!(patches(&log, "/status").is_empty(), "same status: not written again (transition times kept)");
+    assert!(events(&log, "InvalidSpec").is_empty(), "announced once");
+}
+
+#[tokio::test]
+async fn someone_elses_object_of_the_same_name_is_left_alone() {
+    let api = MockApi::start().await;
+    api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw"));
+    let users = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "orders", "namespace": "shop", "uid": "theirs"},
+                       "spec": {"ports": [{"port": 80}]}});
+    api.put("/api/v1/namespaces/shop/services/orders", users.clone());
+    let action = reconcile(worker(&api, spec()), api.ctx()).await.unwrap();
+    let log = api.take();
+    assert!(patches(&log, "/services/orders").is_empty(), "the user's Service is not taken over");
+    assert_eq!(api.get("/api/v1/namespaces/shop/services/orders").unwrap(), users);
+    assert_eq!(patches(&log, DEPLOY_PATH).len(), 1, "the other children are applied");
+    let (s, reason, msg) = condition(&patches(&log, "/status")[0].body["status"], "Degraded");
+    assert_eq!((s.as_str(), reason.as_str()), ("True", "Conflict"));
+    assert!(msg.contains("Service orders exists and is not controlled by this EventWorker"), "{msg}");
+    assert_eq!(events(&log, "Conflict").len(), 1);
+    requeue_within(&action, 4, 6);
+}
+
+#[tokio::test]
+async fn a_refused_child_degrades_backs_off_and_never_blocks_the_deployment() {
+    let api = MockApi::start().await;
+    api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw"));
+    api.put(
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/servicemonitors.monitoring.coreos.com",
+        json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "servicemonitors.monitoring.coreos.com"}}),
+    );
+    let sm_path = "/apis/monitoring.coreos.com/v1/namespaces/shop/servicemonitors/orders";
+    let refusal = "ServiceMonitor.monitoring.coreos.com \"orders\" is invalid: spec.endpoints[0].interval: Invalid value: \"soon\"";
+    api.refuse(sm_path, 422, refusal);
+    let mut s = spec();
+    s["metrics"] = json!({"serviceMonitor": {"enabled": true}});
+    let ew = worker(&api, s);
+    let ctx = api.ctx();
+    let action = reconcile(ew.clone(), ctx.clone()).await.expect("the reconcile itself goes on");
+    requeue_within(&action, 4, 6);
+    let log = api.take();
+    assert_eq!(patches(&log, DEPLOY_PATH).len(), 1, "the Deployment is applied");
+    assert_eq!(patches(&log, "/services/orders").len(), 1);
+    let (s, reason, msg) = condition(&patches(&log, "/status")[0].body["status"], "Degraded");
+    assert_eq!((s.as_str(), reason.as_str()), ("True", "ApplyFailed"));
+    assert!(msg.contains(refusal), "the API server's message: {msg}");
+    assert_eq!(events(&log, "ApplyFailed").len(), 1, "a Warning Event");
+    assert_eq!(events(&log, "ApplyFailed")[0].body["type"], "Warning");
+
+    // At once again: the ServiceMonitor is backing off, not retried; still reported.
+    let ew = with_written_status(&ew, &log);
+    reconcile(ew.clone(), ctx.clone()).await.unwrap();
+    let log = api.take();
+    assert!(patches(&log, sm_path).is_empty(), "backing off");
+    assert!(patches(&log, "/status").is_empty(), "still the same problem, the same status");
+    assert!(events(&log, "ApplyFailed").is_empty(), "announced once");
+}
+
+#[tokio::test]
+async fn failed_reconciles_back_off_exponentially() {
+    let api = MockApi::start().await;
+    let ew = worker(&api, spec());
+    let ctx = api.ctx();
+    let err = Error::Kube(kube::Error::Api(
+        serde_json::from_value(status_body(500, "InternalError", "etcd unavailable")).unwrap(),
+    ));
+    let delays: Vec<f64> =
+        (0..4).map(|_| error_policy(ew.clone(), &err, ctx.clone()).requeue_after().unwrap().as_secs_f64()).collect();
+    for (d, base) in delays.iter().zip([5.0, 10.0, 20.0, 40.0]) {
+        assert!(*d >= base * 0.8 && *d <= base * 1.2, "{delays:?}");
+    }
 }
 
 #[tokio::test]
@@ -255,16 +441,85 @@ async fn service_monitor_only_when_asked_and_its_crd_exists() {
     assert!(patches(&log, "/servicemonitors/orders").is_empty(), "no CRD, no ServiceMonitor");
     assert_eq!(patches(&log, "/poddisruptionbudgets/orders").len(), 1);
     let st = &patches(&log, "/status")[0].body["status"];
-    assert!(st["conditions"].as_array().unwrap().iter().any(|c| c["reason"] == "RedisUnreachable"));
+    assert_eq!(condition(st, "Degraded").1, "ServiceMonitorUnavailable");
 
     api.put(
         "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/servicemonitors.monitoring.coreos.com",
         json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
                "spec": {"group": "monitoring.coreos.com", "names": {"kind": "ServiceMonitor", "plural": "servicemonitors"}, "scope": "Namespaced", "versions": []}}),
     );
+    // A new operator (the CRD lookup is cached for a minute).
     reconcile(worker(&api, s), api.ctx()).await.unwrap();
     let log = api.take();
     let sm = patches(&log, "/apis/monitoring.coreos.com/v1/namespaces/shop/servicemonitors/orders");
     assert_eq!(sm.len(), 1);
     assert_eq!(sm[0].body["spec"]["endpoints"][0]["port"], "metrics");
+}
+
+const LEASE_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/eventworker-operator";
+
+fn lease(holder: &str, renew: &str, duration: i32) -> Value {
+    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+           "metadata": {"name": "eventworker-operator", "namespace": "ops", "resourceVersion": "5"},
+           "spec": {"holderIdentity": holder, "leaseDurationSeconds": duration, "renewTime": renew,
+                    "acquireTime": "2020-01-01T00:00:00.000000Z", "leaseTransitions": 3}})
+}
+
+fn elector(api: &MockApi, duration: std::time::Duration) -> eventworker_operator::leader::Elector {
+    eventworker_operator::leader::Elector::new(
+        api.client.clone(),
+        "ops",
+        "eventworker-operator",
+        "standby",
+        duration,
+        std::time::Duration::from_millis(100),
+    )
+}
+
+#[tokio::test]
+async fn a_lease_expires_by_our_clock_not_the_holders() {
+    let api = MockApi::start().await;
+    // The holder's clock is an hour behind ours: its renewTime looks long expired.
+    api.put(LEASE_PATH, lease("leader", "2020-01-01T00:00:00.000000Z", 1));
+    let e = elector(&api, std::time::Duration::from_secs(1));
+    assert!(!e.try_acquire_or_renew().await.unwrap(), "first seen now: not expired, whatever its renewTime says");
+    // The leader keeps renewing (the record changes): never taken over.
+    let started = tokio::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed() < std::time::Duration::from_millis(1500) {
+        n += 1;
+        api.put(LEASE_PATH, lease("leader", &format!("2020-01-01T00:00:{n:02}.000000Z"), 1));
+        assert!(!e.try_acquire_or_renew().await.unwrap(), "a renewed lease is not taken");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(!api.take().iter().any(|r| r.method == Method::PUT), "no write while the holder renews");
+    // It stops renewing: taken once it stayed unchanged for its duration, on our clock.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if e.try_acquire_or_renew().await.unwrap() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "an unrenewed lease is taken after its duration");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let put = api.take().into_iter().rfind(|r| r.method == Method::PUT).expect("the lease is updated");
+    assert_eq!(put.body["spec"]["holderIdentity"], "standby");
+    assert_eq!(put.body["spec"]["leaseTransitions"], 4);
+    assert_eq!(put.body["metadata"]["resourceVersion"], "5", "optimistic concurrency on the version read");
+}
+
+#[tokio::test]
+async fn a_released_lease_is_taken_at_once_and_release_leaves_others_leases_alone() {
+    let api = MockApi::start().await;
+    api.put(LEASE_PATH, lease("", "2020-01-01T00:00:00.000000Z", 1));
+    let e = elector(&api, std::time::Duration::from_secs(15));
+    assert!(e.try_acquire_or_renew().await.unwrap(), "an empty holder (released) is free at once");
+    api.put(LEASE_PATH, lease("standby", "2020-01-01T00:00:00.000000Z", 15));
+    e.release().await.unwrap();
+    let put = api.take().into_iter().rfind(|r| r.method == Method::PUT).expect("released");
+    assert!(put.body["spec"].get("holderIdentity").is_none_or(|h| h.is_null() || h == ""), "{}", put.body);
+    assert_eq!(put.body["spec"]["leaseDurationSeconds"], 1);
+    api.put(LEASE_PATH, lease("someone-else", "2020-01-01T00:00:00.000000Z", 15));
+    e.release().await.unwrap();
+    assert!(!api.take().iter().any(|r| r.method == Method::PUT), "not ours: not released");
 }

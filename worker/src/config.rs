@@ -156,6 +156,10 @@ pub struct Args {
     /// Extra headers on every delivery, as a JSON object of strings.
     #[arg(long, env = "TARGET_HEADERS")]
     pub target_headers: Option<String>,
+    /// Extra headers whose values come from other environment variables (Secrets on
+    /// Kubernetes): `Header-Name=ENV_VAR,...`. They join TARGET_HEADERS (and win over it).
+    #[arg(long, env = "TARGET_HEADERS_FROM_ENV")]
+    pub target_headers_from_env: Option<String>,
     /// Seconds an entry may sit idle in another consumer's pending list before it is taken over.
     #[arg(long, env = "CLAIM_IDLE", default_value_t = 60.0)]
     pub claim_idle: f64,
@@ -406,6 +410,7 @@ impl Config {
                 map.into_iter().collect()
             }
         };
+        let target_headers = merge_headers_from_env(target_headers, a.target_headers_from_env.as_deref())?;
         let mut stream_priority: BTreeMap<String, u32> =
             streams.iter().enumerate().map(|(i, s)| (s.clone(), i as u32)).collect();
         stream_priority
@@ -575,6 +580,30 @@ pub fn parse_age(s: &str) -> std::result::Result<Duration, String> {
     crate::retry::bounded_secs(n * mult, Duration::from_secs(100 * 365 * 86400))
         .filter(|_| n >= 0.0)
         .ok_or_else(|| format!("{s:?} is not a usable duration"))
+}
+
+/// TARGET_HEADERS_FROM_ENV: `Header-Name=ENV_VAR,...`, each value read from that variable.
+fn merge_headers_from_env(
+    mut headers: Vec<(String, String)>,
+    spec: Option<&str>,
+) -> Result<Vec<(String, String)>, Error> {
+    const VAR: &str = "TARGET_HEADERS_FROM_ENV";
+    for item in spec.unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((name, var)) = item.split_once('=') else {
+            return Err(bad(VAR, format!("{item:?} is not Header-Name=ENV_VAR")));
+        };
+        let (name, var) = (name.trim(), var.trim());
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(bad(VAR, format!("{name:?} is not a valid header name")));
+        }
+        let value = std::env::var(var).map_err(|_| bad(VAR, format!("header {name}: variable {var} is not set")))?;
+        if reqwest::header::HeaderValue::from_str(&value).is_err() {
+            return Err(bad(VAR, format!("header {name}: the value of {var} is not a valid header value")));
+        }
+        headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        headers.push((name.to_string(), value));
+    }
+    Ok(headers)
 }
 
 fn bad(var: &'static str, msg: impl Into<String>) -> Error {
@@ -788,6 +817,18 @@ pub(crate) mod tests {
         ] {
             let err = parse(&args).expect_err(var).to_string();
             assert!(err.contains(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn headers_from_other_variables_join_and_override_target_headers() {
+        let path = std::env::var("PATH").expect("PATH is set");
+        let base = vec![("X-Token".to_string(), "plain".to_string()), ("A".to_string(), "1".to_string())];
+        let merged = merge_headers_from_env(base, Some("x-token=PATH")).unwrap();
+        assert_eq!(merged, [("A".to_string(), "1".to_string()), ("x-token".to_string(), path)]);
+        for bad_spec in ["X-Token", "bad header=PATH", "X-Token=EVENTWORKER_TEST_SURELY_UNSET"] {
+            let err = merge_headers_from_env(vec![], Some(bad_spec)).expect_err(bad_spec).to_string();
+            assert!(err.contains("TARGET_HEADERS_FROM_ENV"), "{err}");
         }
     }
 

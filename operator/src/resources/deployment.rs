@@ -12,7 +12,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use sha2::{Digest, Sha256};
 
-use super::{child_meta, labels, selector_labels, METRICS_PORT};
+use kube::ResourceExt;
+
+use super::{child_meta, labels, selector_labels, Defaults, METRICS_PORT};
 use crate::crd::{
     DeadLetterMode, EventWorker, EventWorkerSpec, FlowControlSpec, HostConcurrency, Ordering, SecretKeyRef,
     SqlTableMode,
@@ -54,14 +56,33 @@ pub fn secret_refs(spec: &EventWorkerSpec) -> Vec<&SecretKeyRef> {
     refs.extend(spec.redis.password_secret_ref.as_ref());
     refs.extend(spec.target.signing_secret_ref.as_ref());
     refs.extend(spec.admin.token_secret_ref.as_ref());
+    refs.extend(spec.target.headers_from.iter().flatten().map(|h| &h.secret_key_ref));
     if spec.dead_letter.mode == DeadLetterMode::Sql {
         refs.extend(spec.dead_letter.sql.as_ref().map(|s| &s.connection_secret_ref));
     }
     refs
 }
 
+/// The consumer group: `spec.group`, or the EventWorker's own name.
+pub fn group(ew: &EventWorker) -> String {
+    ew.spec.group.clone().unwrap_or_else(|| ew.name_any())
+}
+
+/// What 0.1's CRD wrote into every EventWorker without an image (a schema default, stored
+/// with the object): taken as "no image set", so that such EventWorkers follow the operator.
+pub const LEGACY_DEFAULT_IMAGE: &str = "eventworker:0.1.0";
+
+/// The worker image: `spec.image`, or the operator's default.
+pub fn image(ew: &EventWorker, defaults: &Defaults) -> String {
+    match ew.spec.image.as_deref() {
+        Some(i) if i != LEGACY_DEFAULT_IMAGE => i.to_string(),
+        _ => defaults.image.clone(),
+    }
+}
+
 /// The worker's environment: the same variables it reads when run by hand.
-pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
+pub fn worker_env(ew: &EventWorker) -> Vec<EnvVar> {
+    let spec = &ew.spec;
     let mut env = Vec::new();
     let redis_url = match (&spec.redis.url, &spec.redis.host) {
         (Some(url), _) => url.clone(),
@@ -91,7 +112,7 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
     if !priorities.is_empty() {
         env.push(plain("STREAM_PRIORITY", priorities));
     }
-    env.push(plain("GROUP", &spec.group));
+    env.push(plain("GROUP", group(ew)));
     if let Some(p) = &spec.consumer_prefix {
         env.push(plain("CONSUMER_PREFIX", p));
     }
@@ -112,6 +133,16 @@ pub fn worker_env(spec: &EventWorkerSpec) -> Vec<EnvVar> {
     }
     if let Some(h) = spec.target.headers.as_ref().filter(|h| !h.is_empty()) {
         env.push(plain("TARGET_HEADERS", serde_json::to_string(h).unwrap_or_default()));
+    }
+    if let Some(from) = spec.target.headers_from.as_ref().filter(|h| !h.is_empty()) {
+        // Values stay in their Secrets: one variable each, named to the worker.
+        let mut names = Vec::new();
+        for (i, h) in from.iter().enumerate() {
+            let var = format!("TARGET_HEADER_VALUE_{i}");
+            env.push(secret(&var, &h.secret_key_ref));
+            names.push(format!("{}={var}", h.name));
+        }
+        env.push(plain("TARGET_HEADERS_FROM_ENV", names.join(",")));
     }
     if let Some(r) = &spec.target.signing_secret_ref {
         env.push(secret("WEBHOOK_SECRET", r));
@@ -225,10 +256,17 @@ fn flow_control_env(f: &FlowControlSpec, env: &mut Vec<EnvVar>) {
     }
 }
 
-/// Hash of the rendered environment and the values of the referenced Secret keys (a
-/// missing Secret or key hashes as missing, so its later creation rolls the pods too).
-pub fn config_hash(spec: &EventWorkerSpec, env: &[EnvVar], secrets: &SecretData) -> String {
+/// Salted hash of the rendered environment and the values of the referenced Secret keys (a
+/// missing Secret or key hashes as missing, so its later creation rolls the pods too). The
+/// salt (the operator's secret salt and the object's uid) keeps anyone who can read the
+/// Deployment from testing guesses of a Secret value against the hash.
+pub fn config_hash(ew: &EventWorker, env: &[EnvVar], secrets: &SecretData, salt: &str) -> String {
+    let spec = &ew.spec;
     let mut h = Sha256::new();
+    h.update(salt.as_bytes());
+    h.update(b"\0");
+    h.update(ew.uid().unwrap_or_default().as_bytes());
+    h.update(b"\0");
     h.update(serde_json::to_vec(env).unwrap_or_default());
     let mut refs = secret_refs(spec);
     refs.sort_by(|a, b| (&a.name, &a.key).cmp(&(&b.name, &b.key)));
@@ -258,19 +296,22 @@ fn probe(path: &str, period: i32) -> Probe {
 
 /// The worker Deployment. `replicas` is None when another component owns the count (KEDA's
 /// HPA): leaving the field out of the apply leaves it to that owner.
-pub fn deployment(ew: &EventWorker, secrets: &SecretData, replicas: Option<i32>) -> Deployment {
+pub fn deployment(ew: &EventWorker, secrets: &SecretData, replicas: Option<i32>, defaults: &Defaults) -> Deployment {
     let spec = &ew.spec;
-    let mut env = worker_env(spec);
+    let mut env = worker_env(ew);
     // The admin API always needs a token (see `admin_secret.rs`).
     env.push(secret("ADMIN_TOKEN", &super::admin_secret::token_ref(ew)));
+    // The user's extras last (validation refuses names we render).
+    env.extend(spec.env.iter().flatten().cloned());
     // Ours last: user labels must not replace the ones the selector relies on.
     let mut pod_labels = spec.pod_labels.clone().unwrap_or_default();
     pod_labels.extend(labels(ew));
     let mut annotations = spec.pod_annotations.clone().unwrap_or_default();
-    annotations.insert(CONFIG_HASH.into(), config_hash(spec, &env, secrets));
+    annotations.insert(CONFIG_HASH.into(), config_hash(ew, &env, secrets, &defaults.hash_salt));
     let container = Container {
         name: "worker".into(),
-        image: Some(spec.image.clone()),
+        image: Some(image(ew, defaults)),
+        volume_mounts: spec.volume_mounts.clone(),
         image_pull_policy: spec.image_pull_policy.clone(),
         env: Some(env),
         ports: Some(vec![ContainerPort {
@@ -318,6 +359,10 @@ pub fn deployment(ew: &EventWorker, secrets: &SecretData, replicas: Option<i32>)
                     node_selector: spec.node_selector.clone(),
                     tolerations: spec.tolerations.clone(),
                     affinity: spec.affinity.clone(),
+                    image_pull_secrets: spec.image_pull_secrets.clone(),
+                    priority_class_name: spec.priority_class_name.clone(),
+                    topology_spread_constraints: spec.topology_spread_constraints.clone(),
+                    volumes: spec.volumes.clone(),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
@@ -366,14 +411,14 @@ mod tests {
         s["deadLetter"] = json!({"mode": "sql", "sql": {"connectionSecretRef": {"name": "db", "key": "url"}, "table": "failed", "eventTable": "outbox", "tableMode": "outbox"}});
         s["admin"] = json!({"tokenSecretRef": {"name": "ops", "key": "admin"}});
         s["ordering"] = "stream".into();
-        let d = deployment(&ew(s), &SecretData::new(), Some(1));
+        let d = deployment(&ew(s), &SecretData::new(), Some(1), &Defaults::test());
         let env = env_map(&d);
         assert_eq!(value(&env, "REDIS_URL").as_deref(), Some("rediss://redis.shop:6380"));
         assert_eq!(value(&env, "STREAMS").as_deref(), Some("fast,slow"));
         assert_eq!(value(&env, "STREAM_MAX_IN_FLIGHT").as_deref(), Some("fast=16"));
         assert_eq!(value(&env, "STREAM_ORDERING").as_deref(), Some("slow=stream"));
         assert_eq!(value(&env, "TARGET_HEADERS").as_deref(), Some(r#"{"Authorization":"Bearer x"}"#));
-        assert_eq!(value(&env, "GROUP").as_deref(), Some("workers"));
+        assert_eq!(value(&env, "GROUP").as_deref(), Some("orders"), "its own group by default");
         assert_eq!(value(&env, "DEFAULT_WORKER_URI").as_deref(), Some("http://orders-api/events/[EVENT_TYPE]"));
         assert_eq!(value(&env, "READ_TIMEOUT").as_deref(), Some("10.5"));
         assert_eq!(value(&env, "MAX_ATTEMPTS").as_deref(), Some("7"));
@@ -413,7 +458,7 @@ mod tests {
         });
         s["retry"] = json!({"hostBackoffSeconds": 0.5, "hostBackoffMaxSeconds": 30});
         s["orderingLeaseSeconds"] = json!(10);
-        let env = env_map(&deployment(&ew(s), &SecretData::new(), Some(1)));
+        let env = env_map(&deployment(&ew(s), &SecretData::new(), Some(1), &Defaults::test()));
         for (var, want) in [
             ("HOST_MAX_CONCURRENCY", "16"),
             ("HOST_INITIAL_CONCURRENCY", "2"),
@@ -429,13 +474,13 @@ mod tests {
             assert_eq!(value(&env, var).as_deref(), Some(want), "{var}");
         }
         // Unset: the worker's own defaults apply.
-        let env = env_map(&deployment(&ew(minimal()), &SecretData::new(), Some(1)));
+        let env = env_map(&deployment(&ew(minimal()), &SecretData::new(), Some(1), &Defaults::test()));
         assert!(!env.contains_key("HOST_MAX_CONCURRENCY") && !env.contains_key("HOST_OVERRIDES"));
     }
 
     #[test]
     fn pods_are_locked_down_and_probed() {
-        let d = deployment(&ew(minimal()), &SecretData::new(), Some(1));
+        let d = deployment(&ew(minimal()), &SecretData::new(), Some(1), &Defaults::test());
         let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let c = &pod.containers[0];
         let sc = c.security_context.as_ref().unwrap();
@@ -458,7 +503,7 @@ mod tests {
         s["redis"]["passwordSecretRef"] = json!({"name": "redis", "key": "password"});
         let w = ew(s);
         let hash = |w: &EventWorker, secrets: &SecretData| {
-            let d = deployment(w, secrets, Some(1));
+            let d = deployment(w, secrets, Some(1), &Defaults::test());
             d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH].clone()
         };
         let with = |v: &str| {
@@ -481,15 +526,67 @@ mod tests {
     }
 
     #[test]
+    fn image_and_group_default_per_object_and_pod_extras_render() {
+        let d = deployment(&ew(minimal()), &SecretData::new(), Some(1), &Defaults::test());
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.containers[0].image.as_deref(), Some("registry.example/eventworker:9.9.9"));
+        let mut legacy = minimal();
+        legacy["image"] = json!(LEGACY_DEFAULT_IMAGE);
+        let d = deployment(&ew(legacy), &SecretData::new(), Some(1), &Defaults::test());
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            pod.containers[0].image.as_deref(),
+            Some("registry.example/eventworker:9.9.9"),
+            "0.1's stored default follows the operator"
+        );
+        let mut s = minimal();
+        s["image"] = json!("mirror.local/eventworker@sha256:abc");
+        s["group"] = json!("workers");
+        s["imagePullSecrets"] = json!([{"name": "regcred"}]);
+        s["priorityClassName"] = json!("events-high");
+        s["topologySpreadConstraints"] = json!([{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}]);
+        s["env"] = json!([{"name": "RUST_LOG", "value": "debug"}]);
+        s["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+        s["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
+        s["target"]["headersFrom"] = json!([{"name": "X-Api-Key", "secretKeyRef": {"name": "api", "key": "key"}}]);
+        let d = deployment(&ew(s), &SecretData::new(), Some(1), &Defaults::test());
+        let env = env_map(&d);
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("mirror.local/eventworker@sha256:abc"));
+        assert_eq!(value(&env, "GROUP").as_deref(), Some("workers"), "the original's group when asked");
+        assert_eq!(value(&env, "RUST_LOG").as_deref(), Some("debug"));
+        assert_eq!(value(&env, "TARGET_HEADERS_FROM_ENV").as_deref(), Some("X-Api-Key=TARGET_HEADER_VALUE_0"));
+        let r = env["TARGET_HEADER_VALUE_0"].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("api", "key"));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "regcred");
+        assert_eq!(pod.priority_class_name.as_deref(), Some("events-high"));
+        assert_eq!(pod.topology_spread_constraints.unwrap().len(), 1);
+        assert_eq!(pod.volumes.unwrap()[0].name, "data");
+        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/data");
+    }
+
+    #[test]
+    fn the_config_hash_is_salted() {
+        let w = ew(minimal());
+        let hash = |salt: &str| config_hash(&w, &worker_env(&w), &SecretData::new(), salt);
+        assert_eq!(hash("a"), hash("a"));
+        assert_ne!(hash("a"), hash("b"), "another operator salt, another hash");
+        let mut other = w.clone();
+        other.metadata.uid = Some("another-uid".into());
+        assert_ne!(hash("a"), config_hash(&other, &worker_env(&other), &SecretData::new(), "a"), "salted per object");
+    }
+
+    #[test]
     fn replicas_as_given_and_user_labels_cannot_break_the_selector() {
         let mut s = minimal();
         s["podLabels"] = json!({"app.kubernetes.io/instance": "hijack", "team": "payments"});
-        let d = deployment(&ew(s.clone()), &SecretData::new(), Some(4)).spec.unwrap();
+        let d = deployment(&ew(s.clone()), &SecretData::new(), Some(4), &Defaults::test()).spec.unwrap();
         assert_eq!(d.replicas, Some(4));
         let labels = d.template.metadata.unwrap().labels.unwrap();
         assert_eq!(labels["app.kubernetes.io/instance"], "orders");
         assert_eq!(labels["team"], "payments");
-        let v = serde_json::to_value(deployment(&ew(s), &SecretData::new(), None)).unwrap();
+        let v = serde_json::to_value(deployment(&ew(s), &SecretData::new(), None, &Defaults::test())).unwrap();
         assert!(v["spec"].get("replicas").is_none(), "left to its owner (KEDA)");
     }
 }

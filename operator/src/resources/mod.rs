@@ -21,6 +21,22 @@ pub const MANAGER: &str = "eventworker-operator";
 /// Port of the worker's admin server.
 pub const METRICS_PORT: i32 = 9000;
 
+/// What the operator supplies beyond the spec (its settings).
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// Worker image of EventWorkers without `spec.image` (`DEFAULT_WORKER_IMAGE`).
+    pub image: String,
+    /// Secret salt of the pods' config hash (`CONFIG_HASH_SALT`).
+    pub hash_salt: String,
+}
+
+impl Defaults {
+    #[cfg(test)]
+    pub fn test() -> Self {
+        Self { image: "registry.example/eventworker:9.9.9".into(), hash_salt: "salt".into() }
+    }
+}
+
 /// Labels that select one EventWorker's pods.
 pub fn selector_labels(ew: &EventWorker) -> BTreeMap<String, String> {
     BTreeMap::from([
