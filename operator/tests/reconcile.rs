@@ -289,6 +289,13 @@ async fn unchanged_objects_are_not_written_again_and_a_secret_change_rolls() {
     let writes: Vec<_> =
         log.iter().filter(|r| r.method != Method::GET).map(|r| format!("{} {}", r.method, r.path)).collect();
     assert!(writes.is_empty(), "nothing changed, nothing written (children, status, events): {writes:?}");
+    let reads: Vec<&str> = log.iter().map(|r| r.path.as_str()).collect();
+    assert!(
+        !reads.iter().any(|p| p.contains("poddisruptionbudgets")
+            || p.contains("customresourcedefinitions")
+            || p.ends_with("/secrets/orders-admin")),
+        "known absent children, optional CRDs and the admin Secret are not looked up at every resync: {reads:?}"
+    );
 
     // Drift: someone edits the Deployment (its generation moves): applied again.
     let mut drifted = api.get(DEPLOY_PATH).unwrap();
@@ -412,6 +419,16 @@ async fn a_refused_child_degrades_backs_off_and_never_blocks_the_deployment() {
     assert!(patches(&log, sm_path).is_empty(), "backing off");
     assert!(patches(&log, "/status").is_empty(), "still the same problem, the same status");
     assert!(events(&log, "ApplyFailed").is_empty(), "announced once");
+
+    // The user fixes the spec (a new generation): tried at once, whatever the backoff.
+    api.state.refuse.lock().unwrap().clear();
+    let mut fixed = (*ew).clone();
+    fixed.spec.metrics.service_monitor.interval = Some("30s".into());
+    fixed.metadata.generation = Some(3);
+    reconcile(Arc::new(fixed), ctx.clone()).await.unwrap();
+    let log = api.take();
+    assert_eq!(patches(&log, sm_path).len(), 1, "a new spec is not held back by the old backoff");
+    assert_eq!(condition(&patches(&log, "/status")[0].body["status"], "Degraded").0, "False");
 }
 
 #[tokio::test]

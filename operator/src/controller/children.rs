@@ -55,6 +55,10 @@ pub(crate) struct ChildState {
     retry_at: Option<Instant>,
     /// The problem last reported: (conflict, message).
     problem: Option<(bool, String)>,
+    /// The EventWorker's generation when it failed: a new spec is tried at once.
+    generation: Option<i64>,
+    /// Known absent (deleted, or never there) as of this generation of the EventWorker.
+    absent_at: Option<i64>,
     touched: Option<Instant>,
 }
 
@@ -134,6 +138,7 @@ impl Context {
             st.touched = Some(now);
             let is_new = st.problem.as_ref().map(|p| &p.1) != Some(&msg);
             st.problem = Some((conflict, msg.clone()));
+            st.generation = ew.metadata.generation;
             (is_new, delay)
         };
         self.metrics.applies.with_label_values(&[if conflict { "conflict" } else { "failed" }]).inc();
@@ -149,13 +154,14 @@ impl Context {
         }
     }
 
-    /// Still backing off this child: report its last problem again.
-    fn backing_off(&self, key: &(String, String), problems: &mut Problems) -> bool {
+    /// Still backing off this child (and the spec did not change since it failed): report
+    /// its last problem again.
+    fn backing_off(&self, ew: &EventWorker, key: &(String, String), problems: &mut Problems) -> bool {
         let now = Instant::now();
         let states = crate::lock(&self.children);
         let Some(st) = states.get(key) else { return false };
         match (st.retry_at, &st.problem) {
-            (Some(at), Some((conflict, msg))) if at > now => {
+            (Some(at), Some((conflict, msg))) if at > now && st.generation == ew.metadata.generation => {
                 problems.retry_within(at - now);
                 if *conflict {
                     problems.conflicts.push(msg.clone());
@@ -186,7 +192,7 @@ impl Context {
     {
         let name = desired.meta().name.clone().unwrap_or_default();
         let key = Self::child_key(ew, kind, &name);
-        if self.backing_off(&key, problems) {
+        if self.backing_off(ew, &key, problems) {
             return cached.filter(|c| controlled_by(c, ew));
         }
         let existing = match cached {
@@ -243,7 +249,9 @@ impl Context {
     }
 
     /// Delete a child we control, if it exists (a PDB or ServiceMonitor switched off); an
-    /// object of that name that is someone else's is left alone.
+    /// object of that name that is someone else's is left alone. Looked for once per spec
+    /// generation (a child only becomes unwanted through a spec change, or while no operator
+    /// ran), not at every resync.
     pub(crate) async fn delete_child<K>(
         &self,
         ew: &EventWorker,
@@ -255,21 +263,31 @@ impl Context {
         K: Resource + Clone + DeserializeOwned + Debug,
     {
         let key = Self::child_key(ew, kind, name);
+        let known_absent = crate::lock(&self.children)
+            .get(&key)
+            .is_some_and(|s| s.absent_at.is_some() && s.absent_at == ew.metadata.generation);
+        if known_absent {
+            return;
+        }
         let result = match api.get_opt(name).await {
             Ok(Some(obj)) if controlled_by(&obj, ew) => api.delete(name, &DeleteParams::default()).await.map(|_| ()),
             Ok(_) => Ok(()),
             Err(e) => Err(e),
         };
-        match result {
-            Ok(()) => {
-                crate::lock(&self.children).remove(&key);
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                crate::lock(&self.children).remove(&key);
-            }
-            Err(e) => {
-                self.child_failed(ew, &key, false, format!("removing {kind} {name}: {}", api_message(&e)), problems)
-                    .await
+        let failed = match &result {
+            Ok(()) => None,
+            Err(kube::Error::Api(s)) if s.code == 404 => None,
+            Err(e) => Some(api_message(e)),
+        };
+        match failed {
+            Some(msg) => self.child_failed(ew, &key, false, format!("removing {kind} {name}: {msg}"), problems).await,
+            None => {
+                let state = ChildState {
+                    absent_at: ew.metadata.generation,
+                    touched: Some(Instant::now()),
+                    ..Default::default()
+                };
+                crate::lock(&self.children).insert(key, state);
             }
         }
     }
