@@ -1709,7 +1709,7 @@ async fn operator_at_scale_200_eventworkers() {
             .filter(|ew| {
                 ew.status.as_ref().is_some_and(|s| {
                     s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                        && s.conditions.iter().any(|c| c.type_ == "RedisReachable" && c.status == "True")
+                        && !s.conditions.iter().any(|c| c.type_ == "RedisReachable" && c.status != "True")
                 })
             })
             .count()
