@@ -702,10 +702,17 @@ async fn eventworkers_created_under_the_previous_crd_keep_their_group_and_follow
     let old: CustomResourceDefinition = serde_yaml::from_str(CRD_0_1).unwrap();
     crds.patch("eventworkers.eventworker.io", &PatchParams::apply("e2e").force(), &Patch::Apply(&old)).await.unwrap();
     // The old schema stored its defaults with the object.
-    wait_until("old CRD served", T, || async {
-        env.create_ew("old", spec(&redis)).await.is_ok_and(|o| o.data["spec"]["group"] == "workers")
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "eventworker.io/v1alpha1", "kind": "EventWorker",
+        "metadata": {"name": "old", "namespace": env.ns}, "spec": spec(&redis),
+    }))
+    .unwrap();
+    let dry = PostParams { dry_run: true, ..Default::default() };
+    wait_until("old CRD served (a dry run gets its defaults)", T, || async {
+        env.ews().create(&dry, &obj).await.is_ok_and(|o| o.data["spec"]["group"] == "workers")
     })
     .await;
+    env.create_ew("old", spec(&redis)).await.unwrap();
     assert_eq!(env.ews().get("old").await.unwrap().data["spec"]["image"], "eventworker:0.1.0");
     // The upgrade: the new CRD (Env::new applies the generated one), the new operator.
     let env2 = Env::new("crdupgrade2").await;
