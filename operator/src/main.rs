@@ -210,8 +210,10 @@ async fn main() -> anyhow::Result<()> {
     // duration, counted from the start of the last successful renewal), or another replica
     // holds it, exit at once: a standby may take over after the full duration, and draining
     // first could leave two leaders for a moment. Kubernetes restarts this pod as a standby.
+    // Renewal stops only once the controller has drained (the lease must cover every write).
+    let stop_renewing = CancellationToken::new();
     let renewing = tokio::spawn({
-        let (shutdown, elector) = (shutdown.clone(), elector.clone());
+        let (shutdown, elector) = (stop_renewing.clone(), elector.clone());
         let deadline = Duration::from_secs(args.lease_duration) * 2 / 3;
         async move {
             let mut renewed_at = std::time::Instant::now();
@@ -242,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
     let ctx = Context::new(client, metrics.clone(), settings).with_liveness(liveness);
     controller::run(Arc::new(ctx), shutdown, args.watch_namespace.filter(|n| !n.is_empty())).await;
     // Stopped (SIGTERM): no more reconciles; hand the lease over at once.
+    stop_renewing.cancel();
     let _ = renewing.await;
     metrics.leader.set(0);
     match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {

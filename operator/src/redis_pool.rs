@@ -36,14 +36,15 @@ impl RedisPool {
         self.len() == 0
     }
 
-    async fn connection(&self, url: &str) -> Result<MultiplexedConnection, String> {
+    /// The pooled connection to `url` (reused: true), or a new one.
+    async fn connection(&self, url: &str) -> Result<(MultiplexedConnection, bool), String> {
         let now = Instant::now();
         {
             let mut conns = crate::lock(&self.conns);
             conns.retain(|_, (_, used)| now.saturating_duration_since(*used) < IDLE);
             if let Some((con, used)) = conns.get_mut(url) {
                 *used = now;
-                return Ok(con.clone());
+                return Ok((con.clone(), true));
             }
         }
         let client = redis::Client::open(url).map_err(|e| describe(url, &e))?;
@@ -58,7 +59,7 @@ impl RedisPool {
             }
         }
         conns.insert(url.to_string(), (con.clone(), now));
-        Ok(con)
+        Ok((con, false))
     }
 
     fn forget(&self, url: &str) {
@@ -66,43 +67,62 @@ impl RedisPool {
     }
 
     /// Each stream's backlog for `group`, and the retries scheduled, within the timeout.
-    /// The error is fit for a status: the Redis's host and port and what went wrong.
+    /// The error is fit for a status: the Redis's host and port and what went wrong. A
+    /// pooled connection that fails (Redis restarted since) is replaced once at once.
     pub async fn read_backlog(
         &self,
         url: &str,
         streams: &[String],
         group: &str,
     ) -> Result<(Vec<StreamStatus>, i64), String> {
-        let work = async {
-            let mut con = self.connection(url).await?;
-            let now = backlog::now_unix_ms();
-            let mut out = Vec::new();
-            for s in streams {
-                let key = format!("events:{s}");
-                let b = backlog::read(&mut con, &key, group).await.map_err(|e| describe(url, &e))?;
-                out.push(StreamStatus {
-                    length: b.length,
-                    pending: b.pending,
-                    lag: b.undelivered,
-                    backlog: b.total(),
-                    oldest_age_seconds: (b.oldest_age_secs(now) * 10.0).round() / 10.0,
-                    oldest_undelivered_age_seconds: (b.oldest_undelivered_age_secs(now) * 10.0).round() / 10.0,
-                    exact: b.exact,
-                    name: key,
-                });
-            }
-            let scheduled = backlog::scheduled(&mut con).await.map_err(|e| describe(url, &e))?;
-            Ok((out, scheduled))
-        };
-        let result = tokio::time::timeout(self.timeout * 2, work)
-            .await
-            .unwrap_or_else(|_| Err(format!("redis at {}: no answer within {:?}", address(url), self.timeout * 2)));
-        if result.is_err() {
+        let limit = self.timeout * 2;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut fresh_tried = false;
+        loop {
+            let attempt = async {
+                let (mut con, reused) = self.connection(url).await.map_err(|e| (e, false))?;
+                read(&mut con, url, streams, group).await.map_err(|e| (e, reused))
+            };
+            let (e, reused) = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(read)) => return Ok(read),
+                Ok(Err(failed)) => failed,
+                Err(_) => (format!("redis at {}: no answer within {limit:?}", address(url)), false),
+            };
             // The next read starts from a fresh connection.
             self.forget(url);
+            if reused && !fresh_tried && tokio::time::Instant::now() < deadline {
+                fresh_tried = true;
+                continue;
+            }
+            return Err(e);
         }
-        result
     }
+}
+
+async fn read(
+    con: &mut MultiplexedConnection,
+    url: &str,
+    streams: &[String],
+    group: &str,
+) -> Result<(Vec<StreamStatus>, i64), String> {
+    let now = backlog::now_unix_ms();
+    let mut out = Vec::new();
+    for s in streams {
+        let key = format!("events:{s}");
+        let b = backlog::read(con, &key, group).await.map_err(|e| describe(url, &e))?;
+        out.push(StreamStatus {
+            length: b.length,
+            pending: b.pending,
+            lag: b.undelivered,
+            backlog: b.total(),
+            oldest_age_seconds: (b.oldest_age_secs(now) * 10.0).round() / 10.0,
+            oldest_undelivered_age_seconds: (b.oldest_undelivered_age_secs(now) * 10.0).round() / 10.0,
+            exact: b.exact,
+            name: key,
+        });
+    }
+    let scheduled = backlog::scheduled(con).await.map_err(|e| describe(url, &e))?;
+    Ok((out, scheduled))
 }
 
 /// `host:port` of a Redis URL, without scheme, credentials or database.

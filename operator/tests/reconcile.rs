@@ -540,3 +540,56 @@ async fn a_released_lease_is_taken_at_once_and_release_leaves_others_leases_alon
     e.release().await.unwrap();
     assert!(!api.take().iter().any(|r| r.method == Method::PUT), "not ours: not released");
 }
+
+fn owned_by(uid: &str) -> Value {
+    json!([{"apiVersion": "eventworker.io/v1alpha1", "kind": "EventWorker", "name": "orders", "uid": uid, "controller": true}])
+}
+
+#[tokio::test]
+async fn orphans_of_ours_are_adopted_and_a_previous_eventworkers_children_awaited() {
+    let api = MockApi::start().await;
+    api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw"));
+    // `kubectl delete ew orders --cascade=orphan`, then created again: our labels, no owner.
+    api.put(
+        "/api/v1/namespaces/shop/services/orders",
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "orders", "namespace": "shop",
+               "labels": {"app.kubernetes.io/managed-by": "eventworker-operator", "app.kubernetes.io/instance": "orders"}}}),
+    );
+    // Deleted and created again: the old one's Deployment waits for garbage collection.
+    api.put(
+        DEPLOY_PATH,
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "orders", "namespace": "shop", "ownerReferences": owned_by("old-uid")}}),
+    );
+    let action = reconcile(worker(&api, spec()), api.ctx()).await.unwrap();
+    let log = api.take();
+    assert_eq!(patches(&log, "/services/orders").len(), 1, "an orphan of ours is adopted");
+    assert!(patches(&log, DEPLOY_PATH).is_empty(), "the previous EventWorker's Deployment is not taken");
+    let (_, reason, msg) = condition(&patches(&log, "/status")[0].body["status"], "Degraded");
+    assert_eq!(reason, "Conflict");
+    assert!(msg.contains("waiting for its garbage collection"), "{msg}");
+    assert!(events(&log, "Conflict").is_empty(), "nothing to warn about: it goes by itself");
+    requeue_within(&action, 1, 3);
+}
+
+#[tokio::test]
+async fn children_switched_off_are_removed_whatever_the_status_says() {
+    let api = MockApi::start().await;
+    api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw"));
+    let hpa_path = "/apis/autoscaling/v2/namespaces/shop/horizontalpodautoscalers/orders";
+    api.put(
+        hpa_path,
+        json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+               "metadata": {"name": "orders", "namespace": "shop", "ownerReferences": owned_by("ew-uid")}}),
+    );
+    // No status at all (never written, or lost): the HPA from an earlier hpa mode still goes.
+    let ew = worker(&api, spec());
+    let ctx = api.ctx();
+    reconcile(ew.clone(), ctx.clone()).await.unwrap();
+    let log = api.take();
+    assert!(log.iter().any(|r| r.method == Method::DELETE && r.path == hpa_path), "the leftover HPA is deleted");
+    // Known absent for this generation: not looked up again at the next resync.
+    api.state.objects.lock().unwrap().remove(hpa_path);
+    reconcile(with_written_status(&ew, &log), ctx).await.unwrap();
+    assert!(!api.take().iter().any(|r| r.path == hpa_path), "looked for once per generation");
+}

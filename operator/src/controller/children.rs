@@ -28,6 +28,8 @@ const REFRESH: Duration = Duration::from_secs(600);
 const BACKOFF_START: Duration = Duration::from_secs(5);
 /// ... up to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// ... or this for a conflict.
+const CONFLICT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// What went wrong with children in one reconcile.
 #[derive(Debug, Default)]
@@ -86,6 +88,28 @@ pub fn controlled_by<K: Resource>(obj: &K, ew: &EventWorker) -> bool {
         .any(|o| o.controller == Some(true) && Some(&o.uid) == ew.metadata.uid.as_ref())
 }
 
+/// An orphan of ours: made by this operator for an EventWorker of this name (its labels),
+/// controlled by nothing now (`kubectl delete --cascade=orphan`, then created again).
+fn adoptable<K: Resource>(obj: &K, ew: &EventWorker) -> bool {
+    let m = obj.meta();
+    let labels = m.labels.clone().unwrap_or_default();
+    let controlled = m.owner_references.iter().flatten().any(|o| o.controller == Some(true));
+    !controlled
+        && labels.get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGER)
+        && labels.get("app.kubernetes.io/instance") == Some(&ew.name_any())
+}
+
+/// The name of the EventWorker of the same name (another uid) that controls `obj`.
+fn previous_eventworker<K: Resource>(obj: &K, ew: &EventWorker) -> Option<String> {
+    obj.meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true) && o.kind == "EventWorker" && o.name == ew.name_any())
+        .filter(|o| Some(&o.uid) != ew.metadata.uid.as_ref())
+        .map(|o| o.name.clone())
+}
+
 /// The API server's own words for a refusal.
 pub fn api_message(e: &kube::Error) -> String {
     match e {
@@ -131,8 +155,15 @@ impl Context {
         let (is_new, delay) = {
             let mut states = crate::lock(&self.children);
             let st = states.entry(key.clone()).or_default();
+            if st.generation != ew.metadata.generation {
+                // A new spec starts its own backoff.
+                st.failures = 0;
+            }
             st.failures = st.failures.saturating_add(1);
-            let base = BACKOFF_START.saturating_mul(1u32 << (st.failures - 1).min(10)).min(BACKOFF_MAX);
+            // A conflict ends when someone removes the other object, which no watch of ours
+            // sees: look again at least every 30 s.
+            let max = if conflict { CONFLICT_BACKOFF_MAX } else { BACKOFF_MAX };
+            let base = BACKOFF_START.saturating_mul(1u32 << (st.failures - 1).min(10)).min(max);
             let delay = base.mul_f64(rand::random_range(0.8..1.2));
             st.retry_at = Some(now + delay);
             st.touched = Some(now);
@@ -193,7 +224,12 @@ impl Context {
         let name = desired.meta().name.clone().unwrap_or_default();
         let key = Self::child_key(ew, kind, &name);
         if self.backing_off(ew, &key, problems) {
-            return cached.filter(|c| controlled_by(c, ew));
+            // Still report the object as it is (its status feeds ours).
+            let current = match cached {
+                Some(c) => Some(c),
+                None => api.get_opt(&name).await.ok().flatten(),
+            };
+            return current.filter(|c| controlled_by(c, ew));
         }
         let existing = match cached {
             Some(c) => Some(c),
@@ -205,7 +241,16 @@ impl Context {
                 }
             },
         };
-        if let Some(obj) = existing.as_ref().filter(|o| !controlled_by(*o, ew)) {
+        if let Some(obj) = existing.as_ref().filter(|o| !controlled_by(*o, ew) && !adoptable(*o, ew)) {
+            if let Some(previous) = previous_eventworker(obj, ew) {
+                // A deleted EventWorker of the same name: garbage collection removes its
+                // children shortly. Not a conflict to announce, nor to back off from.
+                problems.conflicts.push(format!(
+                    "{kind} {name} still belongs to a deleted EventWorker {previous} (uid differs): waiting for its garbage collection"
+                ));
+                problems.retry_within(Duration::from_secs(2));
+                return None;
+            }
             self.child_failed(ew, &key, true, conflict_message(kind, &name, obj), problems).await;
             return None;
         }

@@ -89,13 +89,15 @@ pub struct Caches {
     pdbs: Store<PodDisruptionBudget>,
 }
 
-/// Whether the controller makes progress, for the liveness probe.
+/// Whether the controller makes progress, for the liveness probe: a reconcile that has run
+/// far longer than any should (every call it makes has a timeout) means the process is
+/// stuck, and a restart helps. Waiting is not being stuck: an invalid spec or a backoff may
+/// leave an EventWorker alone for minutes.
 #[derive(Debug)]
 pub struct Liveness {
-    started: Instant,
-    /// Milliseconds since `started` of the last finished reconcile.
-    last_reconcile_ms: AtomicU64,
-    /// EventWorkers the controller knows of (each is reconciled at least every resync).
+    in_flight: Mutex<HashMap<u64, Instant>>,
+    next: AtomicU64,
+    /// EventWorkers the controller knows of.
     known: AtomicUsize,
     /// Leading: only the leader reconciles.
     pub leading: std::sync::atomic::AtomicBool,
@@ -105,33 +107,38 @@ pub struct Liveness {
 impl Liveness {
     pub fn new(resync: Duration) -> Self {
         Self {
-            started: Instant::now(),
-            last_reconcile_ms: AtomicU64::new(0),
+            in_flight: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
             known: AtomicUsize::new(0),
             leading: Default::default(),
-            stall_after: (resync * 4).max(Duration::from_secs(120)),
+            stall_after: (resync * 2).max(Duration::from_secs(300)),
         }
     }
 
-    fn reconciled(&self) {
-        self.last_reconcile_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn begin(&self) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        crate::lock(&self.in_flight).insert(id, Instant::now());
+        id
     }
 
-    /// Err when the leader knows EventWorkers and has not finished a reconcile for far
-    /// longer than the resync interval: the controller is stuck and a restart helps.
+    fn end(&self, id: u64) {
+        crate::lock(&self.in_flight).remove(&id);
+    }
+
+    /// Err when a reconcile has been running for longer than `stall_after`.
     pub fn check(&self) -> Result<(), String> {
-        let known = self.known.load(Ordering::Relaxed);
-        if !self.leading.load(Ordering::Relaxed) || known == 0 {
+        if !self.leading.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let since = self
-            .started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_reconcile_ms.load(Ordering::Relaxed)));
-        if since > self.stall_after {
-            return Err(format!("no reconcile finished for {}s while {known} EventWorkers exist", since.as_secs()));
+        let oldest = crate::lock(&self.in_flight).values().min().map(|t| t.elapsed());
+        match oldest {
+            Some(running) if running > self.stall_after => Err(format!(
+                "a reconcile has been running for {}s ({} EventWorkers known)",
+                running.as_secs(),
+                self.known.load(Ordering::Relaxed)
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -154,7 +161,7 @@ pub struct Context {
     /// Consecutive failed reconciles per EventWorker uid (their backoff).
     failures: Mutex<HashMap<String, u32>>,
     /// EventWorkers whose generated admin Secret is known to exist.
-    admin_secrets: Mutex<HashSet<String>>,
+    admin_secrets: Mutex<HashMap<String, (Option<i64>, Instant)>>,
 }
 
 /// Optional CRDs are looked up again after this long.
@@ -178,7 +185,7 @@ impl Context {
             scalers: Mutex::new(HashMap::new()),
             children: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
-            admin_secrets: Mutex::new(HashSet::new()),
+            admin_secrets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -269,8 +276,14 @@ async fn publish(ctx: &Context, ew: &EventWorker, type_: EventType, reason: &str
 async fn ensure_admin_secret(ctx: &Context, ew: &EventWorker, ns: &str, problems: &mut Problems) {
     let Some(secret) = resources::admin_secret::generated(ew) else { return };
     let uid = ew.uid().unwrap_or_default();
-    if crate::lock(&ctx.admin_secrets).contains(&uid) {
-        return;
+    {
+        // Known to exist for this generation, and checked within 10 minutes (a deleted one
+        // is created again).
+        let mut known = crate::lock(&ctx.admin_secrets);
+        known.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(600));
+        if known.get(&uid).is_some_and(|(g, _)| *g == ew.metadata.generation) {
+            return;
+        }
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let name = resources::admin_secret::generated_name(ew);
@@ -290,7 +303,7 @@ async fn ensure_admin_secret(ctx: &Context, ew: &EventWorker, ns: &str, problems
     };
     match result {
         Ok(()) => {
-            crate::lock(&ctx.admin_secrets).insert(uid);
+            crate::lock(&ctx.admin_secrets).insert(uid, (ew.metadata.generation, Instant::now()));
         }
         Err(e) => problems.failures.push(format!("Secret {name}: {}", api_message(&e))),
     }
@@ -318,13 +331,14 @@ pub(crate) async fn read_secrets(client: &Client, ew: &EventWorker, ns: &str) ->
 
 pub async fn reconcile(ew: Arc<EventWorker>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
+    let running = ctx.liveness.begin();
     let result = match reconcile_inner(&ew, &ctx).await {
         // The namespace is going away with everything in it.
         Err(Error::Kube(e)) if namespace_terminating(&e) => Ok(Action::await_change()),
         other => other,
     };
     ctx.metrics.observe(started.elapsed(), result.as_ref().err().map(Error::kind));
-    ctx.liveness.reconciled();
+    ctx.liveness.end(running);
     if result.is_ok() {
         crate::lock(&ctx.failures).remove(&ew.uid().unwrap_or_default());
     }
@@ -350,7 +364,28 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     }
     let mut problems = Problems::default();
     ensure_admin_secret(ctx, ew, &ns, &mut problems).await;
-    let (secrets, missing) = read_secrets(&ctx.client, ew, &ns).await?;
+    let (secrets, missing) = match read_secrets(&ctx.client, ew, &ns).await {
+        Ok(read) => read,
+        Err(e) => {
+            // Without the values the config hash would be wrong (and roll the pods): apply
+            // nothing, say why, and back off.
+            let why = match &e {
+                Error::Kube(k) => format!("reading the referenced Secrets: {}", api_message(k)),
+                other => format!("reading the referenced Secrets: {other}"),
+            };
+            let existing = match ctx.cached(|c| &c.deployments, ew) {
+                Some(d) => Some(d),
+                None => deployments.get_opt(&name).await.ok().flatten(),
+            };
+            let mut obs =
+                existing.as_ref().filter(|d| controlled_by(*d, ew)).map(Observed::from_deployment).unwrap_or_default();
+            obs.apply_failures = problems.failures.into_iter().chain([why]).collect();
+            obs.image = Some(image(ew, &ctx.settings.defaults));
+            obs.group = Some(group(ew));
+            write_status(ctx, ew, &ns, &obs).await?;
+            return Err(e);
+        }
+    };
 
     // The backlog first: with autoscaling it decides the replica count.
     let url = status::redis_url(ew, &secrets);
@@ -369,7 +404,9 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
         Some(a) if a.mode == AutoscalingMode::Hpa => (Some(ew.spec.replicas), None),
         Some(a) if a.mode == AutoscalingMode::Keda => {
             if let Some(d) = existing_ours {
-                scaling::hand_over_replicas(&deployments, d).await?;
+                if let Err(e) = scaling::hand_over_replicas(&deployments, d).await {
+                    problems.failures.push(format!("Deployment {name}: keeping its replicas for KEDA: {e}"));
+                }
             }
             (None, None)
         }
@@ -399,12 +436,7 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
             let cached = ctx.cached(|c| &c.pdbs, ew);
             ctx.apply_child(ew, &pdbs, "PodDisruptionBudget", p, cached, &mut problems).await;
         }
-        None => {
-            // Known absent from the cache: nothing to delete (without a cache, ask).
-            if ctx.caches.get().is_none() || ctx.cached(|c| &c.pdbs, ew).is_some() {
-                ctx.delete_child(ew, &pdbs, "PodDisruptionBudget", &name, &mut problems).await;
-            }
-        }
+        None => ctx.delete_child(ew, &pdbs, "PodDisruptionBudget", &name, &mut problems).await,
     }
 
     let mut obs = applied.as_ref().map(Observed::from_deployment).unwrap_or_default();
@@ -443,24 +475,20 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
                 scaling = Some(scaling::hpa_scaling(ew, &applied));
             }
         }
-        None => {
-            if ew.status.as_ref().and_then(|s| s.autoscaling.as_ref()).is_some_and(|a| a.mode == "hpa") {
-                ctx.delete_child(ew, &hpas, "HorizontalPodAutoscaler", &name, &mut problems).await;
-            }
-        }
+        None => ctx.delete_child(ew, &hpas, "HorizontalPodAutoscaler", &name, &mut problems).await,
     }
 
     let wants_keda = ew.spec.autoscaling.as_ref().is_some_and(|a| a.mode == AutoscalingMode::Keda);
-    let was_keda = ew.status.as_ref().and_then(|s| s.autoscaling.as_ref()).is_some_and(|a| a.mode == "keda");
+    // Applied in keda mode, removed (once per generation) in any other.
     let keda_installed = match ctx.crd_installed(keda::SCALED_OBJECT_CRD).await {
         Ok(yes) => yes,
-        Err(e) if wants_keda => {
+        Err(e) => {
+            // Whatever the mode: a ScaledObject left from keda mode must not stay unnoticed.
             problems.failures.push(format!("cannot tell whether KEDA is installed: {}", api_message(&e)));
             false
         }
-        Err(_) => false,
     };
-    if keda_installed && (wants_keda || was_keda) {
+    if keda_installed {
         scaling::apply_keda(ctx, ew, &ns, &mut problems).await;
     }
     if wants_keda {
@@ -671,20 +699,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn liveness_fails_only_when_a_leader_with_eventworkers_stops_reconciling() {
-        let l = Liveness::new(Duration::from_secs(30));
+    fn liveness_fails_only_when_a_leaders_reconcile_hangs() {
+        let l = Liveness { stall_after: Duration::from_millis(50), ..Liveness::new(Duration::from_secs(30)) };
+        let id = l.begin();
+        std::thread::sleep(Duration::from_millis(80));
         assert!(l.check().is_ok(), "a standby is alive");
         l.leading.store(true, Ordering::Relaxed);
-        assert!(l.check().is_ok(), "nothing to reconcile: alive");
         l.known.store(3, Ordering::Relaxed);
-        assert!(l.check().is_ok(), "just started");
-        let stalled =
-            Liveness { started: Instant::now() - Duration::from_secs(500), ..Liveness::new(Duration::from_secs(30)) };
-        stalled.leading.store(true, Ordering::Relaxed);
-        stalled.known.store(3, Ordering::Relaxed);
-        let why = stalled.check().unwrap_err();
-        assert!(why.contains("3 EventWorkers"), "{why}");
-        stalled.reconciled();
-        assert!(stalled.check().is_ok(), "a reconcile finished: alive again");
+        let why = l.check().unwrap_err();
+        assert!(why.contains("a reconcile has been running") && why.contains("3 EventWorkers"), "{why}");
+        l.end(id);
+        assert!(l.check().is_ok(), "nothing running: alive, however long since the last reconcile");
+        let _quick = l.begin();
+        assert!(l.check().is_ok(), "a reconcile just started");
+        assert_eq!(Liveness::new(Duration::from_secs(30)).stall_after, Duration::from_secs(300));
     }
 }
