@@ -1762,13 +1762,13 @@ async fn operator_at_scale_200_eventworkers() {
         reqwest::get(url).await.unwrap().text().await.unwrap()
     };
     let methods_before = by_method(scrape().await);
-    let unchanged_before = {
-        let text = scrape().await;
+    let unchanged = |text: String| {
         text.lines()
             .find(|l| l.contains("applies_total{result=\"unchanged\"}"))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
+    let unchanged_before = unchanged(scrape().await);
     let api_before = apiserver_requests(&env.client).await;
     let (cpu_before, _) = cpu_and_rss(pid);
     let t0 = std::time::Instant::now();
@@ -1788,13 +1788,7 @@ async fn operator_at_scale_200_eventworkers() {
         .zip(methods_before.iter().zip(methods_after.iter()))
         .map(|(m, (b, a))| format!("{m} {:.0}", (a - b) * per_min))
         .collect();
-    let unchanged_after = {
-        let text = scrape().await;
-        text.lines()
-            .find(|l| l.contains("applies_total{result=\"unchanged\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let unchanged_after = unchanged(scrape().await);
     let written = applies - (unchanged_after - unchanged_before) * per_min;
     eprintln!(
         "operator at scale: {n} EventWorkers Ready in {:.1} s; steady state per minute: {reconciles:.0} reconciles, \
