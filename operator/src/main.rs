@@ -150,9 +150,9 @@ async fn main() -> anyhow::Result<()> {
         let (Some(cert), Some(key)) = (args.metrics_api_cert_file.clone(), args.metrics_api_key_file.clone()) else {
             anyhow::bail!("METRICS_API_PORT is set: METRICS_API_CERT_FILE and METRICS_API_KEY_FILE are required");
         };
-        let (client, stop) = (client.clone(), shutdown.clone());
+        let (client, stop, timeout) = (client.clone(), shutdown.clone(), settings.redis_timeout);
         tokio::spawn(async move {
-            if let Err(e) = eventworker_operator::metrics_api::serve(client, port, &cert, &key, stop).await {
+            if let Err(e) = eventworker_operator::metrics_api::serve(client, port, &cert, &key, timeout, stop).await {
                 tracing::error!(error = %e, "external metrics API stopped");
                 std::process::exit(2);
             }

@@ -55,6 +55,7 @@ pub async fn serve(
     port: u16,
     cert_file: &str,
     key_file: &str,
+    redis_timeout: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let (config, allowed_names) = tls_config(&client, cert_file, key_file).await?;
@@ -99,7 +100,7 @@ pub async fn serve(
     });
     let state = ApiState(Arc::new(Inner {
         client,
-        redis: crate::redis_pool::RedisPool::new(Duration::from_secs(3)),
+        redis: crate::redis_pool::RedisPool::new(redis_timeout),
         values: Mutex::default(),
         decisions: Mutex::default(),
     }));
