@@ -92,11 +92,11 @@ pub fn controlled_by<K: Resource>(obj: &K, ew: &EventWorker) -> bool {
 /// controlled by nothing now (`kubectl delete --cascade=orphan`, then created again).
 fn adoptable<K: Resource>(obj: &K, ew: &EventWorker) -> bool {
     let m = obj.meta();
-    let labels = m.labels.clone().unwrap_or_default();
+    let label = |k: &str| m.labels.as_ref().and_then(|l| l.get(k)).map(String::as_str);
     let controlled = m.owner_references.iter().flatten().any(|o| o.controller == Some(true));
     !controlled
-        && labels.get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGER)
-        && labels.get("app.kubernetes.io/instance") == Some(&ew.name_any())
+        && label("app.kubernetes.io/managed-by") == Some(MANAGER)
+        && label("app.kubernetes.io/instance") == Some(&ew.name_any())
 }
 
 /// The name of the EventWorker of the same name (another uid) that controls `obj`.
@@ -337,10 +337,9 @@ impl Context {
         }
     }
 
-    /// Forget children of EventWorkers not seen for an hour.
-    pub(crate) fn prune_children(&self) {
+    /// Forget children not touched for `after`.
+    pub(crate) fn prune_children(&self, after: Duration) {
         let now = Instant::now();
-        crate::lock(&self.children)
-            .retain(|_, s| s.touched.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(3600)));
+        crate::lock(&self.children).retain(|_, s| s.touched.is_some_and(|t| now.saturating_duration_since(t) < after));
     }
 }

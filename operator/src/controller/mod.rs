@@ -164,6 +164,12 @@ pub struct Context {
     admin_secrets: Mutex<HashMap<String, (Option<i64>, Instant)>>,
 }
 
+/// A generated admin Secret known to exist is looked for again after this long.
+const ADMIN_RECHECK: Duration = Duration::from_secs(600);
+/// What the operator remembers of an EventWorker (scaler, children) is dropped when it has
+/// not been reconciled for this long (deleted, or another replica leads).
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
 /// Optional CRDs are looked up again after this long.
 const DISCOVERY_TTL: Duration = Duration::from_secs(60);
 
@@ -196,7 +202,6 @@ impl Context {
     }
 
     /// Run `f` on this EventWorker's scaler (created on first use, seeded with `current`).
-    /// Scalers of EventWorkers not seen for an hour are dropped.
     fn with_scaler<T>(
         &self,
         ew: &EventWorker,
@@ -206,10 +211,18 @@ impl Context {
         let now = tokio::time::Instant::now();
         let key = ew.uid().unwrap_or_else(|| ew.name_any());
         let mut scalers = crate::lock(&self.scalers);
-        scalers.retain(|_, (seen, _)| now.saturating_duration_since(*seen) < Duration::from_secs(3600));
         let (seen, scaler) = scalers.entry(key).or_insert_with(|| (now, Scaler::new(now, current)));
         *seen = now;
         f(scaler, now)
+    }
+
+    /// Drop the memory of EventWorkers not reconciled for a while (run periodically, off the
+    /// reconcile path).
+    fn forget_unseen(&self) {
+        let now = tokio::time::Instant::now();
+        crate::lock(&self.scalers).retain(|_, (seen, _)| now.saturating_duration_since(*seen) < FORGET_AFTER);
+        crate::lock(&self.admin_secrets).retain(|_, (_, at)| at.elapsed() < ADMIN_RECHECK);
+        self.prune_children(FORGET_AFTER);
     }
 
     /// Whether an optional CRD is installed (cached for a minute).
@@ -279,9 +292,8 @@ async fn ensure_admin_secret(ctx: &Context, ew: &EventWorker, ns: &str, problems
     {
         // Known to exist for this generation, and checked within 10 minutes (a deleted one
         // is created again).
-        let mut known = crate::lock(&ctx.admin_secrets);
-        known.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(600));
-        if known.get(&uid).is_some_and(|(g, _)| *g == ew.metadata.generation) {
+        let known = crate::lock(&ctx.admin_secrets);
+        if known.get(&uid).is_some_and(|(g, at)| *g == ew.metadata.generation && at.elapsed() < ADMIN_RECHECK) {
             return;
         }
     }
@@ -373,12 +385,8 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
                 Error::Kube(k) => format!("reading the referenced Secrets: {}", api_message(k)),
                 other => format!("reading the referenced Secrets: {other}"),
             };
-            let existing = match ctx.cached(|c| &c.deployments, ew) {
-                Some(d) => Some(d),
-                None => deployments.get_opt(&name).await.ok().flatten(),
-            };
-            let mut obs =
-                existing.as_ref().filter(|d| controlled_by(*d, ew)).map(Observed::from_deployment).unwrap_or_default();
+            let existing = existing_deployment(ctx, ew, &deployments).await.ok().flatten();
+            let mut obs = observed_as_is(existing.as_ref(), ew);
             obs.apply_failures = problems.failures.into_iter().chain([why]).collect();
             obs.image = Some(image(ew, &ctx.settings.defaults));
             obs.group = Some(group(ew));
@@ -392,10 +400,7 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     let names: Vec<String> = ew.spec.streams.iter().map(|s| s.name.clone()).collect();
     let read = ctx.redis.read_backlog(&url, &names, &group(ew)).await;
 
-    let existing = match ctx.cached(|c| &c.deployments, ew) {
-        Some(d) => Some(d),
-        None => deployments.get_opt(&name).await?,
-    };
+    let existing = existing_deployment(ctx, ew, &deployments).await?;
     let existing_ours = existing.as_ref().filter(|d| controlled_by(*d, ew));
     let current = existing_ours.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
     let (replicas, mut scaling) = match &ew.spec.autoscaling {
@@ -533,7 +538,6 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     if let Some(retry) = problems.retry_in {
         every = every.min(retry);
     }
-    ctx.prune_children();
     Ok(Action::requeue(every))
 }
 
@@ -555,15 +559,28 @@ async fn redis_events(ctx: &Context, ew: &EventWorker, obs: &Observed) {
     }
 }
 
+/// The worker Deployment as it is: from the watch cache, else a GET.
+async fn existing_deployment(
+    ctx: &Context,
+    ew: &EventWorker,
+    deployments: &Api<Deployment>,
+) -> Result<Option<Deployment>, kube::Error> {
+    match ctx.cached(|c| &c.deployments, ew) {
+        Some(d) => Ok(Some(d)),
+        None => deployments.get_opt(&ew.name_any()).await,
+    }
+}
+
+/// What a reconcile that applies nothing reports: our Deployment as it is.
+fn observed_as_is(existing: Option<&Deployment>, ew: &EventWorker) -> Observed {
+    existing.filter(|d| controlled_by(*d, ew)).map(Observed::from_deployment).unwrap_or_default()
+}
+
 /// An invalid spec: nothing is applied; the status says why and keeps what the Deployment
 /// has (replicas, selector), so the scale subresource stays true.
 async fn invalid(ctx: &Context, ew: &EventWorker, deployments: &Api<Deployment>, why: &str) -> Result<()> {
-    let existing = match ctx.cached(|c| &c.deployments, ew) {
-        Some(d) => Some(d),
-        None => deployments.get_opt(&ew.name_any()).await?,
-    };
-    let mut obs =
-        existing.as_ref().filter(|d| controlled_by(*d, ew)).map(Observed::from_deployment).unwrap_or_default();
+    let existing = existing_deployment(ctx, ew, deployments).await?;
+    let mut obs = observed_as_is(existing.as_ref(), ew);
     obs.invalid = Some(why.to_string());
     let previous = ew.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"));
     if previous.is_none_or(|c| c.message != why) {
@@ -658,10 +675,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: tokio_util::sync::CancellationToke
     let _ = ctx.caches.set(Caches { deployments, services, pdbs });
     let known = controller.store();
     tokio::spawn({
-        let (liveness, stop) = (ctx.liveness.clone(), shutdown.clone());
+        let (ctx, stop) = (ctx.clone(), shutdown.clone());
         async move {
             loop {
-                liveness.known.store(known.state().len(), Ordering::Relaxed);
+                ctx.liveness.known.store(known.state().len(), Ordering::Relaxed);
+                ctx.forget_unseen();
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     _ = stop.cancelled() => return,
