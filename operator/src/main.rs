@@ -65,6 +65,10 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// OTLP/HTTP collector to export traces to (a span per reconcile); no traces without
+    /// it. The other standard OTEL_* variables apply.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otel_exporter_otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -114,13 +118,15 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("eventworker-operator: {e}");
         std::process::exit(2);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        fmt.json().init();
-    } else {
-        fmt.init();
-    }
+    let format = if args.log_format == "json" { ew_otel::LogFormat::Json } else { ew_otel::LogFormat::Text };
+    // Kept until the end: dropping it exports the spans still queued.
+    let _telemetry = match ew_otel::init("eventworker-operator", format, args.otel_exporter_otlp_endpoint.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("eventworker-operator: {e}");
+            std::process::exit(2);
+        }
+    };
 
     let metrics = Arc::new(Metrics::new());
     let config = kube::Config::infer()

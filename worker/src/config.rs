@@ -231,6 +231,11 @@ pub struct Args {
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// OTLP/HTTP collector to export traces to (e.g. http://otel-collector:4318); no traces
+    /// without it. The other standard OTEL_* variables apply (see the README).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_exporter_otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -312,6 +317,7 @@ pub struct Config {
     pub max_event_age: Duration,
     pub ordering_lease: Duration,
     pub log_format: LogFormat,
+    pub otlp_endpoint: Option<String>,
     pub worker_threads: Option<usize>,
     pub admin_token: Option<String>,
     /// Outbox rows older than this that are neither delivered nor dead-lettered count as undelivered.
@@ -463,6 +469,7 @@ impl Config {
             max_event_age: seconds("MAX_EVENT_AGE", a.max_event_age)?,
             ordering_lease,
             log_format: a.log_format,
+            otlp_endpoint: a.otel_exporter_otlp_endpoint,
             admin_token: a.admin_token.filter(|t| !t.is_empty()),
             outbox_audit_after: seconds("OUTBOX_AUDIT_AFTER", a.outbox_audit_after)?,
             targets,

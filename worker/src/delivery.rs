@@ -15,6 +15,7 @@ use crate::event::Event;
 use crate::limiter::Signal;
 use crate::policy::TargetPolicy;
 use crate::retry::parse_retry_after;
+use ew_otel::TraceContext;
 
 /// What to do with an event after one delivery attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,15 +179,24 @@ impl Deliverer {
         Ok(t)
     }
 
-    /// One POST attempt. `attempt` is 1-based.
-    pub async fn deliver(&self, ev: &Event, target: &Target, stream_key: &str, attempt: u32) -> Outcome {
-        let headers = self.headers(ev, target, stream_key, attempt);
+    /// One POST attempt. `attempt` is 1-based; `trace` is the context the receiver
+    /// continues. The HTTP status is recorded on the current span (the attempt's).
+    pub async fn deliver(
+        &self,
+        ev: &Event,
+        target: &Target,
+        stream_key: &str,
+        attempt: u32,
+        trace: &TraceContext,
+    ) -> Outcome {
+        let headers = self.headers(ev, target, stream_key, attempt, trace);
         let mut request = reqwest::Request::new(reqwest::Method::POST, target.url.clone());
         *request.headers_mut() = headers;
         *request.timeout_mut() = Some(ev.timeout.unwrap_or(self.read_timeout));
         *request.body_mut() = Some(ev.payload.clone().into());
         match self.client.execute(request).await {
             Ok(mut resp) => {
+                tracing::Span::current().record("http.response.status_code", i64::from(resp.status().as_u16()));
                 let outcome = classify(resp.status(), resp.headers(), SystemTime::now());
                 // Drain the body so the connection goes back to the pool, but only so much
                 // of it: a receiver answering with a huge body just loses its connection.
@@ -210,7 +220,14 @@ impl Deliverer {
     /// The delivery headers of one attempt (also sent with the host's `OPTIONS` probe, so a
     /// receiver that checks them answers the probe as it would the delivery).
     /// TARGET_HEADERS and signatures only go to a trusted target.
-    pub fn headers(&self, ev: &Event, target: &Target, stream_key: &str, attempt: u32) -> HeaderMap {
+    pub fn headers(
+        &self,
+        ev: &Event,
+        target: &Target,
+        stream_key: &str,
+        attempt: u32,
+        trace: &TraceContext,
+    ) -> HeaderMap {
         let mut headers = if target.trusted { self.extra_headers.clone() } else { HeaderMap::new() };
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         if let Some(id) = ev.id.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
@@ -223,8 +240,11 @@ impl Deliverer {
             headers.insert("x-event-queue", v);
         }
         headers.insert("x-event-attempt", HeaderValue::from(attempt));
-        if let Ok(v) = HeaderValue::from_str(&traceparent()) {
+        if let Ok(v) = HeaderValue::from_str(&trace.traceparent) {
             headers.insert("traceparent", v);
+        }
+        if let Some(v) = trace.tracestate.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
+            headers.insert("tracestate", v);
         }
         if let Some(secret) = self.secret.as_ref().filter(|_| target.trusted) {
             let ts = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -282,13 +302,6 @@ pub fn sign(secret: &[u8], msg_id: &str, timestamp: u64, body: &[u8]) -> String 
     mac.update(b".");
     mac.update(body);
     format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
-}
-
-/// A fresh W3C trace context for a request.
-pub fn traceparent() -> String {
-    let trace: u128 = rand::random::<u128>().max(1);
-    let span: u64 = rand::random::<u64>().max(1);
-    format!("00-{trace:032x}-{span:016x}-01")
 }
 
 #[cfg(test)]
@@ -388,13 +401,5 @@ mod tests {
         assert_eq!(t.url.path(), "/events/a%20b%2F..%2Fadmin%3Fx%3D1%23f");
         assert_eq!(t.url.query(), Some("t=a%20b%2F..%2Fadmin%3Fx%3D1%23f"));
         assert_eq!(t.host.as_ref(), "http://h:1");
-    }
-
-    #[test]
-    fn traceparent_is_w3c() {
-        let t = traceparent();
-        let parts: Vec<_> = t.split('-').collect();
-        assert_eq!(parts.len(), 4);
-        assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "01"));
     }
 }

@@ -43,6 +43,11 @@ pub struct Event {
     pub hold_token: Option<String>,
 }
 
+/// Field in meta (or, from producers that cannot write meta, of the entry) carrying the
+/// producer's W3C trace context.
+pub const TRACEPARENT_FIELD: &str = "traceparent";
+pub const TRACESTATE_FIELD: &str = "tracestate";
+
 /// Field in meta where scheduled retries carry the failures so far.
 pub const ATTEMPTS_FIELD: &str = "attempts";
 /// Field in meta where an event without `createdAt` carries when it was first put off, so
@@ -53,6 +58,15 @@ impl Event {
     /// The id used for dead letters, attempt counters and `X-Event-Id` fallbacks.
     pub fn dlq_id(&self) -> &str {
         self.id.as_deref().unwrap_or(&self.entry_id)
+    }
+
+    /// The producer's `traceparent` (or the first attempt's, once retried).
+    pub fn trace_parent(&self) -> Option<&str> {
+        self.meta.get(TRACEPARENT_FIELD).and_then(Value::as_str)
+    }
+
+    pub fn trace_state(&self) -> Option<&str> {
+        self.meta.get(TRACESTATE_FIELD).and_then(Value::as_str)
     }
 
     /// Unix seconds the event's age counts from: `createdAt`, else when it was first put
@@ -72,9 +86,18 @@ pub struct Malformed(pub String);
 pub fn parse(entry: &RawEntry, key_field: &str) -> Result<Event, Malformed> {
     let meta_raw = entry.field("meta").ok_or_else(|| Malformed("meta field missing".into()))?;
     let meta: Value = serde_json::from_slice(meta_raw).map_err(|e| Malformed(format!("meta is not JSON: {e}")))?;
-    let Value::Object(meta) = meta else {
+    let Value::Object(mut meta) = meta else {
         return Err(Malformed("meta is not a JSON object".into()));
     };
+    // A trace context given as an entry field travels in meta from here on, so that
+    // scheduled retries, held events and dead letters keep it. Meta's own wins.
+    if !meta.contains_key(TRACEPARENT_FIELD) {
+        for name in [TRACEPARENT_FIELD, TRACESTATE_FIELD] {
+            if let Some(v) = entry.field(name).and_then(|v| std::str::from_utf8(v).ok()) {
+                meta.insert(name.into(), Value::String(v.trim().to_string()));
+            }
+        }
+    }
     let id = match meta.get("id") {
         Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
         Some(Value::Number(n)) => Some(n.to_string()),
@@ -197,6 +220,20 @@ mod tests {
         assert_eq!(e.event_type, "unknown");
         assert!(e.payload.is_empty());
         assert_eq!(lane(Ordering::Key, &e), None);
+    }
+
+    #[test]
+    fn a_trace_context_travels_in_meta() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let in_meta = format!(r#"{{"traceparent":"{tp}","tracestate":"a=b"}}"#);
+        let e = parse(&raw(&[("meta", &in_meta), ("traceparent", "ignored")]), "k").unwrap();
+        assert_eq!((e.trace_parent(), e.trace_state()), (Some(tp), Some("a=b")));
+        // As entry fields (producers that cannot write meta): copied into meta, which is
+        // what scheduled retries and dead letters keep.
+        let e = parse(&raw(&[("meta", "{}"), ("traceparent", tp), ("tracestate", "c=d")]), "k").unwrap();
+        assert_eq!((e.trace_parent(), e.trace_state()), (Some(tp), Some("c=d")));
+        assert_eq!(e.meta["traceparent"], tp);
+        assert_eq!(parse(&raw(&[("meta", "{}")]), "k").unwrap().trace_parent(), None);
     }
 
     #[test]

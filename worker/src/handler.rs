@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use rand::Rng;
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::config::Ordering;
 use crate::consumer::{Job, Stream};
 use crate::delivery::Outcome;
 use crate::dlq::{payload_text, DeadLetter};
-use crate::event::{self, Event, RawEntry, ATTEMPTS_FIELD, SINCE_FIELD};
+use crate::event::{self, Event, RawEntry, ATTEMPTS_FIELD, SINCE_FIELD, TRACEPARENT_FIELD};
 use crate::hosts::Admit;
 use crate::ordering::new_token;
 use crate::retry::{backoff, exhausted, MAX_SCHEDULE_DELAY};
@@ -31,6 +32,9 @@ const HOLD_GRACE: Duration = Duration::from_secs(600);
 const HOSTS_SEEN_FOR: Duration = Duration::from_secs(30);
 /// Events of a held key put back into the stream at once when the key is handed on.
 const RELEASE_BATCH: usize = 100;
+/// The span field that says what became of an attempt: delivered, scheduled (at the
+/// receiver's Retry-After), retried (after a backoff) or dead_lettered.
+const OUTCOME: &str = "eventworker.outcome";
 /// Longest a scheduled retry waits for a 429 without Retry-After.
 const SCHEDULE_BACKOFF_CAP: Duration = Duration::from_secs(3600);
 
@@ -100,10 +104,52 @@ impl Stream {
             return;
         }
 
-        let ev = &job.ev;
+        let span = self.attempt_span(&job.ev, failures + 1, &target.host);
+        ew_otel::set_parent(&span, job.ev.trace_parent(), job.ev.trace_state());
+        Box::pin(self.attempt(job, lane, target, permit, failures, counter).instrument(span)).await
+    }
+
+    /// The span of one delivery attempt (exported when tracing is on; disabled otherwise).
+    fn attempt_span(&self, ev: &Event, attempt: u32, host: &str) -> tracing::Span {
+        tracing::info_span!(
+            target: ew_otel::TARGET,
+            "deliver",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = "redis",
+            messaging.operation.type = "process",
+            messaging.destination.name = %self.key,
+            messaging.consumer.group.name = %self.w.cfg.group,
+            messaging.message.id = %ev.entry_id,
+            eventworker.event.id = ev.dlq_id(),
+            eventworker.event.type = %ev.event_type,
+            eventworker.attempt = i64::from(attempt),
+            server.address = host,
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            eventworker.outcome = tracing::field::Empty,
+        )
+    }
+
+    /// One delivery attempt of an admitted event, and its outcome applied (in the
+    /// attempt's span).
+    async fn attempt(
+        &self,
+        mut job: Job,
+        lane: Option<&str>,
+        target: crate::delivery::Target,
+        permit: crate::hosts::HostPermit,
+        failures: u32,
+        counter: String,
+    ) {
+        let w = &self.w;
         let attempt = failures + 1;
+        let span = tracing::Span::current();
+        let trace = ew_otel::outgoing(&span, job.ev.trace_parent(), job.ev.trace_state());
+        let ev = &job.ev;
         let outcome = tokio::select! {
-            o = w.deliverer.deliver(ev, &target, &self.key, attempt) => o,
+            o = w.deliverer.deliver(ev, &target, &self.key, attempt, &trace) => o,
             _ = w.shutdown.hard.cancelled() => return,
         };
         let took = permit.started().elapsed();
@@ -112,14 +158,24 @@ impl Stream {
         if matches!(outcome, Outcome::HostDown { .. }) && !own_timeout {
             // An event's own short timeout says little about its host: only failures at
             // the host's normal terms pause it.
-            w.hosts.trip(&target, outcome.reason(), w.deliverer.headers(ev, &target, &self.key, attempt));
+            w.hosts.trip(&target, outcome.reason(), w.deliverer.headers(ev, &target, &self.key, attempt, &trace));
         }
         permit.finish(outcome.signal());
+        if job.ev.trace_parent().is_none() {
+            // Later attempts, and a replay of its dead letter, join this attempt's trace.
+            job.ev.meta.insert(TRACEPARENT_FIELD.into(), Value::String(trace.traceparent));
+        }
+        let ev = &job.ev;
         let type_label = w.metrics.type_label(&ev.event_type);
         w.metrics.processing_duration.with_label_values(&[type_label]).observe(took.as_secs_f64());
         let reason = outcome.reason().to_string();
+        if !matches!(outcome, Outcome::Delivered) {
+            span.record("error.type", reason.as_str());
+            span.record("otel.status_code", "ERROR");
+        }
         match outcome {
             Outcome::Delivered => {
+                span.record(OUTCOME, "delivered");
                 w.metrics.processed.with_label_values(&[&self.key, type_label]).inc();
                 if let Some(created) = ev.created_at {
                     let age = (event::now_unix() - created).max(0.0);
@@ -163,6 +219,9 @@ impl Stream {
             }
             _ => backoff(cfg.backoff_base, failures, cfg.backoff_max),
         };
+        // "scheduled": at the time the receiver asked for; "retried": after a backoff.
+        let how = if matches!(outcome, Outcome::Schedule { .. }) { "scheduled" } else { "retried" };
+        tracing::Span::current().record(OUTCOME, how);
         self.schedule(job, lane, delay, failures, &reason, false).await
     }
 
@@ -348,6 +407,8 @@ impl Stream {
     }
 
     async fn dead_letter(&self, job: Job, lane: Option<&str>, reason: &str, attempts: u32) {
+        // In an attempt's span, its outcome (the other callers have no such span).
+        tracing::Span::current().record(OUTCOME, "dead_lettered");
         let ev = &job.ev;
         if self.send_to_sink(&dead_letter_of(ev, &self.key, reason, attempts)).await {
             self.finished(job, lane, true, None).await;

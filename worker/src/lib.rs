@@ -18,7 +18,6 @@ pub mod scheduler;
 pub mod shutdown;
 pub mod stats;
 pub mod streams;
-pub mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;

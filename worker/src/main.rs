@@ -1,4 +1,4 @@
-use eventworker::config::{Command, Config};
+use eventworker::config::{Command, Config, LogFormat};
 
 // glibc malloc contends between runtime threads at this request rate; mimalloc does not.
 #[global_allocator]
@@ -14,7 +14,18 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    eventworker::telemetry::init(cfg.log_format);
+    let format = match cfg.log_format {
+        LogFormat::Text => ew_otel::LogFormat::Text,
+        LogFormat::Json => ew_otel::LogFormat::Json,
+    };
+    // Kept until the end: dropping it exports the spans still queued.
+    let _telemetry = match ew_otel::init("eventworker", format, cfg.otlp_endpoint.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("eventworker: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cfg.worker_threads {
         rt.worker_threads(n);

@@ -25,6 +25,7 @@ use kube::runtime::{predicates, reflector, watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
+use tracing::Instrument;
 
 use children::{api_message, namespace_terminating, ChildStates, Problems};
 pub use children::{controlled_by, APPLIED_HASH};
@@ -344,10 +345,30 @@ pub(crate) async fn read_secrets(client: &Client, ew: &EventWorker, ns: &str) ->
 pub async fn reconcile(ew: Arc<EventWorker>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let running = ctx.liveness.begin();
-    let result = match reconcile_inner(&ew, &ctx).await {
+    // Exported as a trace when tracing is on (ew_otel), a no-op otherwise.
+    let span = tracing::info_span!(
+        target: ew_otel::TARGET,
+        "reconcile",
+        otel.kind = "internal",
+        otel.status_code = tracing::field::Empty,
+        k8s.namespace.name = ew.namespace().unwrap_or_default(),
+        k8s.eventworker.name = ew.name_any(),
+        k8s.object.generation = ew.metadata.generation.unwrap_or(0),
+        eventworker.outcome = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    let result = match reconcile_inner(&ew, &ctx).instrument(span.clone()).await {
         // The namespace is going away with everything in it.
         Err(Error::Kube(e)) if namespace_terminating(&e) => Ok(Action::await_change()),
         other => other,
+    };
+    match &result {
+        Ok(_) => span.record("eventworker.outcome", "ok"),
+        Err(e) => {
+            span.record("error.type", e.kind());
+            span.record("otel.status_code", "ERROR");
+            span.record("eventworker.outcome", "error")
+        }
     };
     ctx.metrics.observe(started.elapsed(), result.as_ref().err().map(Error::kind));
     ctx.liveness.end(running);

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod db;
+pub mod jaeger;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
