@@ -2,6 +2,9 @@
 //! like the API server does for server-side apply). The real-API-server suite comes with the
 //! test control plane.
 
+#[path = "../../worker/tests/common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -592,4 +595,30 @@ async fn children_switched_off_are_removed_whatever_the_status_says() {
     api.state.objects.lock().unwrap().remove(hpa_path);
     reconcile(with_written_status(&ew, &log), ctx).await.unwrap();
     assert!(!api.take().iter().any(|r| r.path == hpa_path), "looked for once per generation");
+}
+
+#[tokio::test]
+async fn each_reconcile_is_exported_as_a_span_when_tracing_is_on() {
+    use tracing::instrument::WithSubscriber;
+    let Some(jaeger) = common::jaeger::Jaeger::start().await else { return };
+    let service = "ew-operator-test";
+    let (dispatch, telemetry) = ew_otel::subscriber(service, None, Some(&jaeger.otlp_endpoint())).expect("tracing set up");
+    let api = MockApi::start().await;
+    api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw1"));
+    reconcile(worker(&api, spec()), api.ctx()).with_subscriber(dispatch.clone()).await.expect("reconcile");
+    // A refused status write fails the reconcile: the span says so.
+    api.refuse("/apis/eventworker.io/v1alpha1/namespaces/shop/eventworkers/orders/status", 500, "etcd is down");
+    let failed = reconcile(worker(&api, spec()), api.ctx()).with_subscriber(dispatch).await;
+    assert!(failed.is_err());
+    // Dropping the guard exports what is queued.
+    tokio::task::spawn_blocking(move || drop(telemetry)).await.unwrap();
+
+    let spans = jaeger.wait_spans(service, 2, |s| s.name == "reconcile").await;
+    let outcome = |s: &common::jaeger::Span| s.tag_str("eventworker.outcome").unwrap_or_default();
+    let ok = spans.iter().find(|s| outcome(s) == "ok").expect("a span for the good reconcile");
+    assert_eq!(ok.tag_str("k8s.namespace.name").as_deref(), Some("shop"));
+    assert_eq!(ok.tag_str("k8s.eventworker.name").as_deref(), Some("orders"));
+    let bad = spans.iter().find(|s| outcome(s) == "error").expect("a span for the failed reconcile");
+    assert_eq!(bad.tag_str("error.type").as_deref(), Some("kube"));
+    assert_eq!(bad.tag_str("otel.status_code").as_deref(), Some("ERROR"));
 }
