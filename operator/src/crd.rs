@@ -490,6 +490,77 @@ pub struct MetricsSpec {
     /// A ServiceMonitor for the Prometheus operator (created only when its CRD is installed).
     #[serde(default)]
     pub service_monitor: ServiceMonitorSpec,
+    /// Alerts for this EventWorker as a PrometheusRule (created only when its CRD is
+    /// installed). Its worker alerts read the series the ServiceMonitor scrapes.
+    #[serde(default)]
+    pub prometheus_rule: PrometheusRuleSpec,
+}
+
+const DURATION_RULE: &str = "self.matches('^(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?$') && self != ''";
+
+/// Alert thresholds; each alert is described in the README's Runbooks.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusRuleSpec {
+    /// Create the PrometheusRule.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Extra labels (for the Prometheus instance's ruleSelector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// EventWorkerBacklogGrowing: a stream's backlog has grown for this long.
+    #[serde(default = "default_backlog_growing_for")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("metrics.prometheusRule.backlogGrowingFor must be a duration such as 15m"))]
+    #[schemars(length(max = 16))]
+    pub backlog_growing_for: String,
+    /// EventWorkerOldestEventTooOld: the oldest waiting event is older than this (seconds).
+    #[serde(default = "default_oldest_event_age")]
+    #[schemars(range(min = 1))]
+    pub oldest_event_age_seconds: u32,
+    /// EventWorkerDeadLetters: dead letters per second (5-minute rate) above this.
+    #[serde(default = "default_dead_letter_rate")]
+    #[schemars(range(min = 0.0))]
+    pub dead_letter_rate_per_second: f64,
+    /// EventWorkerHostPaused: deliveries to a host have been paused for this long.
+    #[serde(default = "default_host_paused_for")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("metrics.prometheusRule.hostPausedFor must be a duration such as 15m"))]
+    #[schemars(length(max = 16))]
+    pub host_paused_for: String,
+    /// EventWorkerNotReady: fewer worker pods ready than desired for this long.
+    #[serde(default = "default_not_ready_for")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("metrics.prometheusRule.notReadyFor must be a duration such as 10m"))]
+    #[schemars(length(max = 16))]
+    pub not_ready_for: String,
+}
+
+fn default_backlog_growing_for() -> String {
+    "15m".into()
+}
+fn default_oldest_event_age() -> u32 {
+    300
+}
+fn default_dead_letter_rate() -> f64 {
+    0.1
+}
+fn default_host_paused_for() -> String {
+    "15m".into()
+}
+fn default_not_ready_for() -> String {
+    "10m".into()
+}
+
+impl Default for PrometheusRuleSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            labels: None,
+            backlog_growing_for: default_backlog_growing_for(),
+            oldest_event_age_seconds: default_oldest_event_age(),
+            dead_letter_rate_per_second: default_dead_letter_rate(),
+            host_paused_for: default_host_paused_for(),
+            not_ready_for: default_not_ready_for(),
+        }
+    }
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

@@ -75,6 +75,9 @@ struct Args {
 enum Cmd {
     /// Print the EventWorker CustomResourceDefinition as YAML.
     Crd,
+    /// Print the alerting rules for every EventWorker and the operator (Prometheus rules
+    /// file; the chart ships it as a PrometheusRule).
+    PrometheusRules,
     /// Run the controller (the default).
     Run,
 }
@@ -108,10 +111,15 @@ fn check(args: &Args) -> Result<(), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Cmd::Crd) = args.command {
+    let printed = match args.command {
+        Some(Cmd::Crd) => Some(eventworker_operator::crd_yaml()),
+        Some(Cmd::PrometheusRules) => Some(eventworker_operator::resources::prometheus_rule::rules_yaml()),
+        _ => None,
+    };
+    if let Some(text) = printed {
         use std::io::Write;
         // A closed pipe (`| head`) ends the command quietly.
-        let _ = std::io::stdout().write_all(eventworker_operator::crd_yaml().as_bytes());
+        let _ = std::io::stdout().write_all(text.as_bytes());
         return Ok(());
     }
     if let Err(e) = check(&args) {

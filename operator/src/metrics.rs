@@ -1,8 +1,12 @@
 //! The operator's own metrics: reconciles, their duration, errors by kind.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -15,6 +19,13 @@ pub struct Metrics {
     pub status_writes: IntCounter,
     /// Requests to the Kubernetes API server by verb (GET, PATCH, ...; watches included).
     pub kube_requests: IntCounterVec,
+    /// EventWorkers this replica knows (0 on a standby).
+    pub eventworkers: IntGauge,
+    /// Worker pods desired and ready per EventWorker, from its Deployment: what the
+    /// EventWorkerNotReady alert compares (pods that do not run report nothing themselves).
+    worker_replicas: IntGaugeVec,
+    /// The EventWorkers `worker_replicas` has series for.
+    replica_series: Mutex<HashSet<(String, String)>>,
 }
 
 impl Metrics {
@@ -50,8 +61,19 @@ impl Metrics {
             &["method"],
         )
         .expect("valid metric");
+        let eventworkers =
+            IntGauge::new("eventworker_operator_eventworkers", "EventWorkers known to this replica (0 on a standby)")
+                .expect("valid metric");
+        // Not `namespace`: the operator's own scrape sets that label to the operator's.
+        let worker_replicas = IntGaugeVec::new(
+            Opts::new("eventworker_operator_worker_replicas", "Worker pods of an EventWorker, desired and ready"),
+            &["eventworker_namespace", "eventworker", "state"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(eventworkers.clone()),
+            Box::new(worker_replicas.clone()),
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(leader.clone()),
@@ -61,7 +83,41 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { registry, reconciles, failures, duration, leader, applies, status_writes, kube_requests }
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            leader,
+            applies,
+            status_writes,
+            kube_requests,
+            eventworkers,
+            worker_replicas,
+            replica_series: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Record an EventWorker's desired and ready worker pods.
+    pub fn set_replicas(&self, namespace: &str, name: &str, desired: i32, ready: i32) {
+        self.worker_replicas.with_label_values(&[namespace, name, "desired"]).set(desired.into());
+        self.worker_replicas.with_label_values(&[namespace, name, "ready"]).set(ready.into());
+        crate::lock(&self.replica_series).insert((namespace.to_string(), name.to_string()));
+    }
+
+    /// Drop the series of EventWorkers no longer known (deleted, or leadership lost:
+    /// `known` empty).
+    pub fn keep_replicas_of(&self, known: &HashSet<(String, String)>) {
+        crate::lock(&self.replica_series).retain(|(ns, name)| {
+            let keep = known.contains(&(ns.clone(), name.clone()));
+            if !keep {
+                for state in ["desired", "ready"] {
+                    let _ = self.worker_replicas.remove_label_values(&[ns, name, state]);
+                }
+            }
+            keep
+        });
+        self.eventworkers.set(known.len() as i64);
     }
 
     pub fn observe(&self, took: Duration, error_kind: Option<&str>) {
@@ -107,5 +163,20 @@ mod tests {
         let t = m.render();
         assert!(t.contains("eventworker_operator_reconciles_total 2"), "{t}");
         assert!(t.contains("eventworker_operator_reconcile_errors_total{kind=\"kube\"} 1"), "{t}");
+    }
+
+    #[test]
+    fn replica_series_follow_the_eventworkers_known() {
+        let m = Metrics::new();
+        m.set_replicas("shop", "orders", 3, 2);
+        m.set_replicas("shop", "mail", 1, 1);
+        let t = m.render();
+        let series = r#"eventworker_operator_worker_replicas{eventworker="orders",eventworker_namespace="shop",state="ready"} 2"#;
+        assert!(t.contains(series), "{t}");
+        m.keep_replicas_of(&HashSet::from([("shop".to_string(), "mail".to_string())]));
+        let t = m.render();
+        assert!(!t.contains(r#"eventworker="orders""#), "deleted EventWorker's series gone: {t}");
+        assert!(t.contains(r#"eventworker="mail""#), "{t}");
+        assert!(t.contains("eventworker_operator_eventworkers 1"), "{t}");
     }
 }

@@ -32,8 +32,8 @@ pub struct Observed {
     pub apply_failures: Vec<String>,
     /// Why the spec is invalid (nothing applied).
     pub invalid: Option<String>,
-    /// Why a requested ServiceMonitor was not created.
-    pub service_monitor_skipped: Option<String>,
+    /// Why a requested ServiceMonitor or PrometheusRule was not created.
+    pub monitoring_skipped: Vec<(&'static str, String)>,
     /// Retries scheduled for later on this Redis.
     pub scheduled: i64,
     /// The autoscaler's state, when `spec.autoscaling` is set.
@@ -120,8 +120,8 @@ fn degraded(obs: &Observed, generation: Option<i64>) -> Condition {
     if let Some((reason, msg)) = &obs.rollout_stuck {
         problems.push((reason.as_str(), format!("Deployment: {msg}")));
     }
-    if let Some(why) = &obs.service_monitor_skipped {
-        problems.push(("ServiceMonitorUnavailable", why.clone()));
+    for (reason, why) in &obs.monitoring_skipped {
+        problems.push((reason, why.clone()));
     }
     match problems.first() {
         None => condition("Degraded", false, "AsExpected", String::new(), generation),

@@ -450,30 +450,59 @@ async fn failed_reconciles_back_off_exponentially() {
 }
 
 #[tokio::test]
-async fn service_monitor_only_when_asked_and_its_crd_exists() {
+async fn service_monitor_and_prometheus_rule_only_when_asked_and_their_crds_exist() {
     let api = MockApi::start().await;
     api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw"));
     let mut s = spec();
-    s["metrics"] = json!({"serviceMonitor": {"enabled": true}});
+    s["metrics"] =
+        json!({"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true, "notReadyFor": "20m"}});
     s["disruptionBudget"] = json!({"maxUnavailable": 1});
     reconcile(worker(&api, s.clone()), api.ctx()).await.unwrap();
     let log = api.take();
     assert!(patches(&log, "/servicemonitors/orders").is_empty(), "no CRD, no ServiceMonitor");
+    assert!(patches(&log, "/prometheusrules/orders").is_empty(), "no CRD, no PrometheusRule");
     assert_eq!(patches(&log, "/poddisruptionbudgets/orders").len(), 1);
     let st = &patches(&log, "/status")[0].body["status"];
-    assert_eq!(condition(st, "Degraded").1, "ServiceMonitorUnavailable");
-
-    api.put(
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/servicemonitors.monitoring.coreos.com",
-        json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-               "spec": {"group": "monitoring.coreos.com", "names": {"kind": "ServiceMonitor", "plural": "servicemonitors"}, "scope": "Namespaced", "versions": []}}),
+    let (_, reason, message) = condition(st, "Degraded");
+    assert_eq!(reason, "ServiceMonitorUnavailable");
+    assert!(
+        message.contains("PrometheusRule requested but") && message.contains("prometheusrules.monitoring.coreos.com"),
+        "{message}"
     );
+
+    for (plural, kind) in [("servicemonitors", "ServiceMonitor"), ("prometheusrules", "PrometheusRule")] {
+        let name = format!("{plural}.monitoring.coreos.com");
+        api.put(
+            &format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"),
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": name},
+                   "spec": {"group": "monitoring.coreos.com", "names": {"kind": kind, "plural": plural}, "scope": "Namespaced", "versions": []}}),
+        );
+    }
     // A new operator (the CRD lookup is cached for a minute).
-    reconcile(worker(&api, s), api.ctx()).await.unwrap();
+    reconcile(worker(&api, s.clone()), api.ctx()).await.unwrap();
     let log = api.take();
     let sm = patches(&log, "/apis/monitoring.coreos.com/v1/namespaces/shop/servicemonitors/orders");
     assert_eq!(sm.len(), 1);
     assert_eq!(sm[0].body["spec"]["endpoints"][0]["port"], "metrics");
+    let pr = patches(&log, "/apis/monitoring.coreos.com/v1/namespaces/shop/prometheusrules/orders");
+    assert_eq!(pr.len(), 1);
+    let rules = pr[0].body["spec"]["groups"][0]["rules"].as_array().unwrap();
+    let not_ready = rules.iter().find(|r| r["alert"] == "EventWorkerNotReady").unwrap();
+    assert_eq!(not_ready["for"], "20m", "the EventWorker's threshold");
+    assert!(rules.iter().all(|r| r["expr"].as_str().unwrap().contains(r#""shop""#)), "scoped to the EventWorker");
+
+    // Switched off: removed (it is ours).
+    api.put("/apis/monitoring.coreos.com/v1/namespaces/shop/prometheusrules/orders", pr[0].body.clone());
+    s["metrics"]["prometheusRule"]["enabled"] = json!(false);
+    let mut off = (*worker(&api, s)).clone();
+    off.metadata.generation = Some(2);
+    reconcile(Arc::new(off), api.ctx()).await.unwrap();
+    let log = api.take();
+    assert!(
+        log.iter().any(|r| r.method == Method::DELETE && r.path.ends_with("/prometheusrules/orders")),
+        "{:?}",
+        log.iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>()
+    );
 }
 
 const LEASE_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/eventworker-operator";
@@ -602,7 +631,8 @@ async fn each_reconcile_is_exported_as_a_span_when_tracing_is_on() {
     use tracing::instrument::WithSubscriber;
     let Some(jaeger) = common::jaeger::Jaeger::start().await else { return };
     let service = "ew-operator-test";
-    let (dispatch, telemetry) = ew_otel::subscriber(service, None, Some(&jaeger.otlp_endpoint())).expect("tracing set up");
+    let (dispatch, telemetry) =
+        ew_otel::subscriber(service, None, Some(&jaeger.otlp_endpoint())).expect("tracing set up");
     let api = MockApi::start().await;
     api.put("/api/v1/namespaces/shop/secrets/redis", secret("pw1"));
     reconcile(worker(&api, spec()), api.ctx()).with_subscriber(dispatch.clone()).await.expect("reconcile");

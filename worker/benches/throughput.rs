@@ -40,6 +40,23 @@ async fn start_sink(log: Log) -> u16 {
     port
 }
 
+/// An OTLP/HTTP trace receiver that accepts every export and counts requests and bytes
+/// (Jaeger would share the two cores with the worker and blur the worker's cost).
+async fn start_otlp_sink(exports: Arc<AtomicUsize>, bytes: Arc<AtomicUsize>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let (exports, bytes) = (exports.clone(), bytes.clone());
+        async move {
+            exports.fetch_add(1, SeqCst);
+            bytes.fetch_add(body.len(), SeqCst);
+            axum::http::StatusCode::OK
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
 /// A receiver like a small application: each request takes `service` and holds one of
 /// `pool` connections; beyond that it answers `500 Too many connections`.
 async fn start_pool_sink(pool: usize, service: Duration, ok: Arc<AtomicUsize>, overloads: Arc<AtomicUsize>) -> u16 {
@@ -204,11 +221,21 @@ async fn main() {
     let mut raised_env = env.clone();
     // As many requests at once as the previous worker sent (4 streams x 64), fixed.
     raised_env.extend([("HOST_MAX_CONCURRENCY", "256"), ("HOST_CONCURRENCY", "fixed")]);
+    // Tracing on: every event sampled and exported (the queue raised so none is dropped).
+    let (exports, export_bytes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let otlp = format!("http://127.0.0.1:{}", start_otlp_sink(exports.clone(), export_bytes.clone()).await);
+    let mut traced_env = env.clone();
+    traced_env.extend([("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()), ("OTEL_BSP_MAX_QUEUE_SIZE", "262144")]);
     let mut results = vec![];
-    for (label, e) in [("default host cap (32)", &env), ("host cap raised to 256, fixed", &raised_env)] {
+    for (label, e) in [
+        ("default host cap (32)", &env),
+        ("host cap raised to 256, fixed", &raised_env),
+        ("default host cap, tracing on (every event's span exported over OTLP)", &traced_env),
+    ] {
         println!("{label}:");
         results.push((label, run_rounds(&redis, &mut con, &log, port, &sink_url, e, total, rounds).await));
     }
+    let (off, on) = (&results[0].1, &results[2].1);
 
     // Steady load: latency from the producer's clock at XADD to receipt at the sink.
     let w = Worker::start(&redis, &sink_url, &env);
@@ -267,6 +294,16 @@ async fn main() {
     let outbox = outbox_phase(&redis, &mut con, &log, &sink_url, &env, (total / 5).max(1000)).await;
 
     println!("summary (medians of {rounds} rounds):");
+    println!(
+        "  tracing cost:      {:.0} -> {:.0} events/s ({:+.0} %), worker CPU/event {:.1} -> {:.1} us; {} OTLP exports, {:.1} MB",
+        off.rate,
+        on.rate,
+        (on.rate / off.rate - 1.0) * 100.0,
+        off.cpu,
+        on.cpu,
+        exports.load(SeqCst),
+        export_bytes.load(SeqCst) as f64 / 1e6
+    );
     for (label, r) in &results {
         println!("  {label}:");
         println!("    throughput:        {:.0} events/s (backlog of {total} over 4 streams)", r.rate);

@@ -34,7 +34,7 @@ use crate::crd::{AutoscalingMode, EventWorker};
 use crate::metrics::Metrics;
 use crate::redis_pool::RedisPool;
 use crate::resources::deployment::{group, image, secret_refs, SecretData};
-use crate::resources::{self, keda, service_monitor, Defaults, MANAGER};
+use crate::resources::{self, keda, prometheus_rule, service_monitor, Defaults, MANAGER};
 use crate::scaler::Scaler;
 use crate::status::{self, Observed};
 
@@ -469,29 +469,49 @@ async fn reconcile_inner(ew: &EventWorker, ctx: &Context) -> Result<Action> {
     obs.missing_secrets = missing;
     obs.image = Some(image(ew, &ctx.settings.defaults));
     obs.group = Some(group(ew));
-    let wants_sm = ew.spec.metrics.service_monitor.enabled;
-    match ctx.crd_installed(service_monitor::CRD_NAME).await {
-        Ok(true) => {
-            let sms: Api<DynamicObject> =
-                Api::namespaced_with(ctx.client.clone(), &ns, &service_monitor::api_resource());
-            match service_monitor::service_monitor(ew) {
-                Some(sm) => {
-                    ctx.apply_child(ew, &sms, "ServiceMonitor", sm, None, &mut problems).await;
+    // Prometheus-operator objects: applied only when their CRD exists (no watch: a watch
+    // on a kind that is not installed fails).
+    let monitoring = [
+        (
+            "ServiceMonitor",
+            "ServiceMonitorUnavailable",
+            service_monitor::CRD_NAME,
+            service_monitor::api_resource(),
+            service_monitor::service_monitor(ew),
+            ew.spec.metrics.service_monitor.enabled,
+        ),
+        (
+            "PrometheusRule",
+            "PrometheusRuleUnavailable",
+            prometheus_rule::CRD_NAME,
+            prometheus_rule::api_resource(),
+            prometheus_rule::prometheus_rule(ew),
+            ew.spec.metrics.prometheus_rule.enabled,
+        ),
+    ];
+    for (kind, reason, crd, resource, wanted, enabled) in monitoring {
+        match ctx.crd_installed(crd).await {
+            Ok(true) => {
+                let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
+                match wanted {
+                    Some(obj) => {
+                        ctx.apply_child(ew, &api, kind, obj, None, &mut problems).await;
+                    }
+                    None => ctx.delete_child(ew, &api, kind, &name, &mut problems).await,
                 }
-                None => ctx.delete_child(ew, &sms, "ServiceMonitor", &name, &mut problems).await,
             }
+            Ok(false) if enabled => {
+                obs.monitoring_skipped.push((
+                    reason,
+                    format!("{kind} requested but the Prometheus operator's {kind} CRD ({crd}) is not installed"),
+                ));
+            }
+            Ok(false) => {}
+            Err(e) if enabled => {
+                problems.failures.push(format!("cannot tell whether the {kind} CRD is installed: {}", api_message(&e)))
+            }
+            Err(e) => tracing::debug!(error = %e, kind, "CRD lookup failed"),
         }
-        Ok(false) if wants_sm => {
-            obs.service_monitor_skipped = Some(
-                "metrics.serviceMonitor.enabled but the monitoring.coreos.com ServiceMonitor CRD is not installed"
-                    .into(),
-            );
-        }
-        Ok(false) => {}
-        Err(e) if wants_sm => problems
-            .failures
-            .push(format!("cannot tell whether the ServiceMonitor CRD is installed: {}", api_message(&e))),
-        Err(e) => tracing::debug!(error = %e, "ServiceMonitor CRD lookup failed"),
     }
 
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), &ns);
@@ -612,6 +632,7 @@ async fn invalid(ctx: &Context, ew: &EventWorker, deployments: &Api<Deployment>,
 
 /// Write the status when it differs from the one the object has.
 async fn write_status(ctx: &Context, ew: &EventWorker, ns: &str, obs: &Observed) -> Result<()> {
+    ctx.metrics.set_replicas(ns, &ew.name_any(), obs.desired, obs.ready);
     let new_status = status::build(ew, obs, resources::selector_string(ew), &now_string());
     if ew.status.as_ref() == Some(&new_status) {
         return Ok(());
@@ -699,7 +720,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: tokio_util::sync::CancellationToke
         let (ctx, stop) = (ctx.clone(), shutdown.clone());
         async move {
             loop {
-                ctx.liveness.known.store(known.state().len(), Ordering::Relaxed);
+                let all = known.state();
+                ctx.liveness.known.store(all.len(), Ordering::Relaxed);
+                let keys = all.iter().map(|ew| (ew.namespace().unwrap_or_default(), ew.name_any())).collect();
+                ctx.metrics.keep_replicas_of(&keys);
                 ctx.forget_unseen();
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}

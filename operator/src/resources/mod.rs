@@ -6,6 +6,7 @@ pub mod deployment;
 pub mod hpa;
 pub mod keda;
 pub mod pdb;
+pub mod prometheus_rule;
 pub mod service;
 pub mod service_monitor;
 
