@@ -3,6 +3,7 @@
 for EventWorkers. Edit here, run `python3 monitoring/dashboard.py`, commit both files."""
 import json
 import pathlib
+import sys
 
 S = 'namespace="$namespace",service=~"$eventworker"'
 O = 'eventworker_namespace="$namespace",eventworker=~"$eventworker"'
@@ -103,6 +104,11 @@ def dashboard():
 if __name__ == "__main__":
     root = pathlib.Path(__file__).resolve().parent.parent
     text = json.dumps(dashboard(), indent=2) + "\n"
-    for path in [root / "monitoring/grafana-dashboard.json",
-                 root / "charts/eventworker-operator/files/grafana-dashboard.json"]:
-        path.write_text(text)
+    paths = [root / "monitoring/grafana-dashboard.json", root / "charts/eventworker-operator/files/grafana-dashboard.json"]
+    if "--check" in sys.argv:
+        stale = [str(p.relative_to(root)) for p in paths if not p.exists() or p.read_text() != text]
+        if stale:
+            sys.exit(f"{', '.join(stale)} stale: run 'python3 monitoring/dashboard.py'")
+    else:
+        for path in paths:
+            path.write_text(text)

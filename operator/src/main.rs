@@ -77,7 +77,11 @@ enum Cmd {
     Crd,
     /// Print the alerting rules for every EventWorker and the operator (Prometheus rules
     /// file; the chart ships it as a PrometheusRule).
-    PrometheusRules,
+    PrometheusRules {
+        /// Only the alerts of one EventWorker, with default thresholds.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        eventworker: Option<String>,
+    },
     /// Run the controller (the default).
     Run,
 }
@@ -111,9 +115,19 @@ fn check(args: &Args) -> Result<(), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let printed = match args.command {
+    let printed = match &args.command {
         Some(Cmd::Crd) => Some(eventworker_operator::crd_yaml()),
-        Some(Cmd::PrometheusRules) => Some(eventworker_operator::resources::prometheus_rule::rules_yaml()),
+        Some(Cmd::PrometheusRules { eventworker }) => {
+            let one = match eventworker.as_deref().map(|e| e.split_once('/')) {
+                None => None,
+                Some(Some((ns, name))) if !ns.is_empty() && !name.is_empty() => Some((ns, name)),
+                Some(_) => {
+                    eprintln!("eventworker-operator: --eventworker must be NAMESPACE/NAME");
+                    std::process::exit(2);
+                }
+            };
+            Some(eventworker_operator::resources::prometheus_rule::rules_yaml(one))
+        }
         _ => None,
     };
     if let Some(text) = printed {
