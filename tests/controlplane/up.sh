@@ -38,14 +38,16 @@ install_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
 # Third-party CRDs, from the projects' own Go modules.
 moddir() { (cd "$here/etcd" && GOFLAGS=-mod=mod go mod download -json "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])'); }
-servicemonitor_crd="$(moddir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
+prometheus_operator_crds="$(moddir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")/example/prometheus-operator-crd"
+servicemonitor_crd="$prometheus_operator_crds/monitoring.coreos.com_servicemonitors.yaml"
+prometheusrule_crd="$prometheus_operator_crds/monitoring.coreos.com_prometheusrules.yaml"
 keda_crds="$(moddir "github.com/kedacore/keda/v2@$KEDA_VERSION")/config/crd/bases"
 scaledobject_crd="$keda_crds/keda.sh_scaledobjects.yaml"
 triggerauth_crd="$keda_crds/keda.sh_triggerauthentications.yaml"
 # EW_BUILD_ONLY=1: build and download everything (needs the network), start nothing. .ci/run
 # does this before entering the network namespace, which has no way out.
 if [ -n "${EW_BUILD_ONLY:-}" ]; then
-  [ -f "$servicemonitor_crd" ] && [ -f "$scaledobject_crd" ] && [ -f "$triggerauth_crd" ] || { echo "third-party CRDs missing" >&2; exit 1; }
+  [ -f "$servicemonitor_crd" ] && [ -f "$prometheusrule_crd" ] && [ -f "$scaledobject_crd" ] && [ -f "$triggerauth_crd" ] || { echo "third-party CRDs missing" >&2; exit 1; }
   exit 0
 fi
 
@@ -169,7 +171,7 @@ status:
   allocatable: {cpu: "32", memory: 256Gi, pods: "1000"}
   capacity: {cpu: "32", memory: 256Gi, pods: "1000"}
 NODE
-k apply --server-side -f "$servicemonitor_crd" -f "$scaledobject_crd" -f "$triggerauth_crd" >/dev/null || fail kube-apiserver
+k apply --server-side -f "$servicemonitor_crd" -f "$prometheusrule_crd" -f "$scaledobject_crd" -f "$triggerauth_crd" >/dev/null || fail kube-apiserver
 for _ in $(seq 150); do
   [ "$(k get node kwok-node-0 -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] && break
   sleep 0.2

@@ -121,6 +121,14 @@ impl Env {
         )
     }
 
+    fn prometheus_rules(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.ns,
+            &eventworker_operator::resources::prometheus_rule::api_resource(),
+        )
+    }
+
     async fn secret(&self, name: &str, key: &str, value: &str) {
         let s: Secret =
             serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {key: value}})).unwrap();
@@ -761,16 +769,29 @@ async fn the_rendered_environment_is_the_workers_contract() {
     env.secret("hooks", "secret", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").await;
     let mut s = spec(&redis);
     s["target"] = json!({"uri": sink.url("/events/[EVENT_TYPE]"), "signingSecretRef": {"name": "hooks", "key": "secret"}, "headers": {"X-Source": "e2e"}});
-    s["metrics"] = json!({"serviceMonitor": {"enabled": true, "interval": "15s"}});
+    s["metrics"] = json!({"serviceMonitor": {"enabled": true, "interval": "15s"},
+                          "prometheusRule": {"enabled": true, "oldestEventAgeSeconds": 120}});
     env.create_ew("orders", s).await.unwrap();
     wait_until("Deployment rendered", T, || async {
         env.api::<Deployment>().get_opt("orders").await.unwrap().is_some()
     })
     .await;
 
-    // The ServiceMonitor was accepted by the real prometheus-operator CRD.
+    // The ServiceMonitor and the PrometheusRule were accepted by the real prometheus-operator CRDs.
     let sms = env.service_monitors();
     wait_until("ServiceMonitor created", T, || async { sms.get_opt("orders").await.ok().flatten().is_some() }).await;
+    let rules = env.prometheus_rules();
+    wait_until("PrometheusRule created", T, || async { rules.get_opt("orders").await.ok().flatten().is_some() }).await;
+    let rule = serde_json::to_value(rules.get("orders").await.unwrap()).unwrap();
+    let oldest = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["alert"] == "EventWorkerOldestEventTooOld")
+        .map(|r| r["expr"].as_str().unwrap().to_string())
+        .unwrap();
+    let scoped = format!(r#"stream_oldest_age_seconds{{namespace="{}",service="orders"}}) > 120"#, env.ns);
+    assert!(oldest.ends_with(&scoped), "{oldest}");
 
     // Run the worker binary locally with exactly the Deployment's environment.
     let d = env.api::<Deployment>().get("orders").await.unwrap();
