@@ -53,10 +53,13 @@ impl Outcome {
     }
 }
 
-/// A probe answered with a status below this means the host is alive: the original's list
-/// (200, 204, 3xx, 404, 405) and any other answer an application gives when it is up
-/// (401 and 403 from an auth layer, 400 from a strict router).
-pub const PROBE_ALIVE_BELOW: u16 = 500;
+/// Whether a probe's answer means the host is alive: the original's list (200, 204, 3xx,
+/// 404, 405), any other answer an application gives when it is up (401 and 403 from an
+/// auth layer, 400 from a strict router), and 501: a server without `OPTIONS` (Python's
+/// http.server, many small frameworks) is up all the same.
+pub fn probe_says_alive(status: u16) -> bool {
+    status < 500 || status == 501
+}
 
 /// Classify an HTTP response (DESIGN.md §2).
 pub fn classify(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Outcome {
@@ -273,7 +276,7 @@ impl Deliverer {
             .send()
             .await
         {
-            Ok(resp) => resp.status().as_u16() < PROBE_ALIVE_BELOW,
+            Ok(resp) => probe_says_alive(resp.status().as_u16()),
             Err(_) => false,
         }
     }
@@ -318,6 +321,16 @@ mod tests {
 
     fn c(code: u16, pairs: &[(&'static str, &str)]) -> Outcome {
         classify(StatusCode::from_u16(code).unwrap(), &hdrs(pairs), SystemTime::now())
+    }
+
+    #[test]
+    fn a_probe_answer_from_a_running_server_counts_as_alive() {
+        for up in [200, 204, 301, 400, 401, 403, 404, 405, 501] {
+            assert!(probe_says_alive(up), "{up}");
+        }
+        for down in [500, 502, 503, 504] {
+            assert!(!probe_says_alive(down), "{down}");
+        }
     }
 
     #[test]

@@ -263,6 +263,26 @@ async fn max_attempts_dead_letters_with_the_last_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_without_options_is_resumed_after_a_brief_outage() {
+    // Like Python's http.server: 501 to OPTIONS. Down for its first two POSTs.
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|r, n| match r.method.as_str() {
+        "OPTIONS" => Reply::status(501),
+        _ if n < 2 => Reply::status(503),
+        _ => Reply::ok(),
+    });
+    let w = Worker::start(&redis, &sink.url("/in"), &[("STREAMS", "fast"), ("BACKOFF_BASE", "0.2")]);
+    w.wait_ready().await;
+    let mut con = redis.con().await;
+    let events: Vec<_> = (0..5).map(|i| (meta(format!("e{i}"), "t"), b"x".to_vec())).collect();
+    produce(&mut con, "events:fast", &events).await;
+    wait_until("all delivered after the outage", T, || async { sink.answered(200) == 5 }).await;
+    assert!(sink.count(axum::http::Method::OPTIONS, "/") >= 1, "the host was paused and probed");
+    assert_eq!(w.metric_sum("events_dead_lettered_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_host_pauses_only_itself_and_resumes_after_a_probe() {
     let redis = RedisServer::start();
     let down = Sink::start().await;
