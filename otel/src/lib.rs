@@ -165,15 +165,23 @@ pub fn subscriber(
             .with_tracked_inactivity(false)
             .with_filter(targets)
     });
-    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(fmt).with(otel));
+    // Without export, no OpenTelemetry layer at all: an absent layer would still make every
+    // trace span's call site ask the filters each time.
+    let registry = tracing_subscriber::registry().with(fmt);
+    let dispatch = match otel {
+        Some(otel) => tracing::Dispatch::new(registry.with(otel)),
+        None => tracing::Dispatch::new(registry),
+    };
     Ok((dispatch, Telemetry { provider }))
 }
 
 fn provider(service: &'static str, endpoint: Option<&str>) -> Result<SdkTracerProvider, String> {
     use opentelemetry_otlp::WithExportConfig;
     let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
-    if let Some(e) = endpoint {
-        // As the SDK does with the variable (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT still wins).
+    // As the SDK does with the variable; an endpoint set here would override
+    // OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, which must win.
+    let traces_endpoint_set = std::env::var(TRACES_ENDPOINT).is_ok_and(|v| !v.trim().is_empty());
+    if let Some(e) = endpoint.filter(|_| !traces_endpoint_set) {
         builder = builder.with_endpoint(format!("{}/v1/traces", e.trim().trim_end_matches('/')));
     }
     let exporter = builder.build().map_err(|e| format!("{ENDPOINT} / {TRACES_ENDPOINT}: cannot export traces: {e}"))?;

@@ -60,9 +60,11 @@ impl Event {
         self.id.as_deref().unwrap_or(&self.entry_id)
     }
 
-    /// The producer's `traceparent` (or the first attempt's, once retried).
+    /// The producer's `traceparent` (or the first attempt's, once retried), when it is a
+    /// valid one; None for a missing or malformed value.
     pub fn trace_parent(&self) -> Option<&str> {
-        self.meta.get(TRACEPARENT_FIELD).and_then(Value::as_str)
+        let tp = self.meta.get(TRACEPARENT_FIELD).and_then(Value::as_str)?.trim();
+        ew_otel::parse_traceparent(tp).map(|_| tp)
     }
 
     pub fn trace_state(&self) -> Option<&str> {
@@ -234,6 +236,11 @@ mod tests {
         assert_eq!((e.trace_parent(), e.trace_state()), (Some(tp), Some("c=d")));
         assert_eq!(e.meta["traceparent"], tp);
         assert_eq!(parse(&raw(&[("meta", "{}")]), "k").unwrap().trace_parent(), None);
+        // A malformed one counts as none (the first attempt's context replaces it).
+        let bad = parse(&raw(&[("meta", r#"{"traceparent":"00-XYZ-1-01"}"#)]), "k").unwrap();
+        assert_eq!(bad.trace_parent(), None);
+        let spaced = format!(r#"{{"traceparent":" {tp} "}}"#);
+        assert_eq!(parse(&raw(&[("meta", &spaced)]), "k").unwrap().trace_parent(), Some(tp));
     }
 
     #[test]

@@ -33,8 +33,19 @@ const HOSTS_SEEN_FOR: Duration = Duration::from_secs(30);
 /// Events of a held key put back into the stream at once when the key is handed on.
 const RELEASE_BATCH: usize = 100;
 /// The span field that says what became of an attempt: delivered, scheduled (at the
-/// receiver's Retry-After), retried (after a backoff) or dead_lettered.
+/// receiver's Retry-After), retried (after a backoff), dead_lettered, or interrupted.
 const OUTCOME: &str = "eventworker.outcome";
+/// The outcome of an attempt cut short by the hard stop (the event stays pending).
+const INTERRUPTED: &str = "interrupted";
+
+/// What became of an event handed to the retry schedule.
+enum Scheduled {
+    Yes,
+    /// Past its age budget: dead-lettered instead (or held pending at a hard stop).
+    DeadLettered,
+    /// The hard stop came first: the event stays pending.
+    Interrupted,
+}
 /// Longest a scheduled retry waits for a 429 without Retry-After.
 const SCHEDULE_BACKOFF_CAP: Duration = Duration::from_secs(3600);
 
@@ -106,7 +117,7 @@ impl Stream {
 
         let span = self.attempt_span(&job.ev, failures + 1, &target.host);
         ew_otel::set_parent(&span, job.ev.trace_parent(), job.ev.trace_state());
-        Box::pin(self.attempt(job, lane, target, permit, failures, counter).instrument(span)).await
+        self.attempt(job, lane, target, permit, failures, counter).instrument(span).await
     }
 
     /// The span of one delivery attempt (exported when tracing is on; disabled otherwise).
@@ -150,7 +161,10 @@ impl Stream {
         let ev = &job.ev;
         let outcome = tokio::select! {
             o = w.deliverer.deliver(ev, &target, &self.key, attempt, &trace) => o,
-            _ = w.shutdown.hard.cancelled() => return,
+            _ = w.shutdown.hard.cancelled() => {
+                span.record(OUTCOME, INTERRUPTED);
+                return;
+            }
         };
         let took = permit.started().elapsed();
         // Pause a failing host before its slot is given to the next waiting event.
@@ -161,7 +175,7 @@ impl Stream {
             w.hosts.trip(&target, outcome.reason(), w.deliverer.headers(ev, &target, &self.key, attempt, &trace));
         }
         permit.finish(outcome.signal());
-        if job.ev.trace_parent().is_none() {
+        if !matches!(outcome, Outcome::Delivered) && job.ev.trace_parent().is_none() {
             // Later attempts, and a replay of its dead letter, join this attempt's trace.
             job.ev.meta.insert(TRACEPARENT_FIELD.into(), Value::String(trace.traceparent));
         }
@@ -206,6 +220,7 @@ impl Stream {
             .redis_retry("count_attempt", |mut con| async move { streams::count_failure(&mut con, counter, ttl).await })
             .await
         else {
+            tracing::Span::current().record(OUTCOME, INTERRUPTED);
             return;
         };
         let failures = n.max(attempt);
@@ -221,8 +236,12 @@ impl Stream {
         };
         // "scheduled": at the time the receiver asked for; "retried": after a backoff.
         let how = if matches!(outcome, Outcome::Schedule { .. }) { "scheduled" } else { "retried" };
-        tracing::Span::current().record(OUTCOME, how);
-        self.schedule(job, lane, delay, failures, &reason, false).await
+        let recorded = match self.schedule(job, lane, delay, failures, &reason, false).await {
+            Scheduled::Yes => how,
+            Scheduled::Interrupted => INTERRUPTED,
+            Scheduled::DeadLettered => return, // recorded by dead_letter
+        };
+        tracing::Span::current().record(OUTCOME, recorded);
     }
 
     /// Put an event off without an attempt (its host is paused or saturated): back to the
@@ -231,7 +250,7 @@ impl Stream {
         self.w.metrics.deferred.with_label_values(&[&self.key, why]).inc();
         let spread = rand::rng().random_range(1.0..1.25);
         let delay = retry_in.max(Duration::from_millis(200)).mul_f64(spread);
-        self.schedule(job, lane, delay, failures, why, true).await
+        self.schedule(job, lane, delay, failures, why, true).await;
     }
 
     /// Hand the event to `events:retry` and acknowledge it, in one atomic step. An ordered
@@ -244,13 +263,14 @@ impl Stream {
         failures: u32,
         reason: &str,
         deferred: bool,
-    ) {
+    ) -> Scheduled {
         let w = &self.w;
         let ev = &job.ev;
         let age = event::now_unix() - ev.born();
         if age > w.cfg.max_event_age.as_secs_f64() {
             tracing::warn!(stream = %self.key, id = ev.dlq_id(), age_s = age as u64, last = reason, "event past MAX_EVENT_AGE: dead-lettering it");
-            return Box::pin(self.dead_letter(job, lane, "max_age", failures)).await;
+            Box::pin(self.dead_letter(job, lane, "max_age", failures)).await;
+            return Scheduled::DeadLettered;
         }
         let due = event::now_unix() + delay.min(MAX_SCHEDULE_DELAY).as_secs_f64();
         let mut meta = ev.meta.clone();
@@ -282,16 +302,18 @@ impl Stream {
             drop_counter: ev.id.is_none().then_some(counter.as_str()),
         };
         let (scripts, req) = (&w.scripts, &req);
-        if w.redis_retry("schedule", |mut con| async move { scripts.schedule(&mut con, req).await }).await.is_some() {
-            if let Some((k, t)) = lane.zip(token.as_deref()) {
-                self.holds.set(k, t);
-                self.publish_holds();
-            }
-            if !deferred {
-                w.metrics.retries_scheduled.with_label_values(&[&self.key]).inc();
-            }
-            tracing::debug!(stream = %self.key, id = ev.dlq_id(), delay_s = delay.as_secs_f64(), reason, "retry scheduled");
+        if w.redis_retry("schedule", |mut con| async move { scripts.schedule(&mut con, req).await }).await.is_none() {
+            return Scheduled::Interrupted;
         }
+        if let Some((k, t)) = lane.zip(token.as_deref()) {
+            self.holds.set(k, t);
+            self.publish_holds();
+        }
+        if !deferred {
+            w.metrics.retries_scheduled.with_label_values(&[&self.key]).inc();
+        }
+        tracing::debug!(stream = %self.key, id = ev.dlq_id(), delay_s = delay.as_secs_f64(), reason, "retry scheduled");
+        Scheduled::Yes
     }
 
     /// An event of a held key joins the key's waiting events (acknowledged with the move).
@@ -407,10 +429,11 @@ impl Stream {
     }
 
     async fn dead_letter(&self, job: Job, lane: Option<&str>, reason: &str, attempts: u32) {
-        // In an attempt's span, its outcome (the other callers have no such span).
-        tracing::Span::current().record(OUTCOME, "dead_lettered");
         let ev = &job.ev;
-        if self.send_to_sink(&dead_letter_of(ev, &self.key, reason, attempts)).await {
+        let accepted = self.send_to_sink(&dead_letter_of(ev, &self.key, reason, attempts)).await;
+        // In an attempt's span, its outcome (the other callers have no such span).
+        tracing::Span::current().record(OUTCOME, if accepted { "dead_lettered" } else { INTERRUPTED });
+        if accepted {
             self.finished(job, lane, true, None).await;
         }
     }

@@ -205,3 +205,28 @@ fn settings_the_exporter_cannot_honour_stop_start_up_by_name() {
     let (ok, _, err) = run_cli(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")], &[]);
     assert!(!ok && err.contains("OTEL_EXPORTER_OTLP_ENDPOINT=collector:4318: not an http:// or https:// URL"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_traces_endpoint_wins_over_the_general_one() {
+    let Some(jaeger) = Jaeger::start().await else { return };
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    let traces = format!("{}/v1/traces", jaeger.otlp_endpoint());
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let service = "ew-test-traces-endpoint";
+    let w = Worker::start(
+        &redis,
+        &sink.url("/e"),
+        &[
+            ("STREAMS", "fast"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &nowhere),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &traces),
+            ("OTEL_SERVICE_NAME", service),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    w.wait_ready().await;
+    let mut con = redis.con().await;
+    produce(&mut con, "events:fast", &[(meta("x", "t"), b"x".to_vec())]).await;
+    jaeger.wait_spans(service, 1, |s| s.name == "deliver").await;
+}

@@ -138,13 +138,21 @@ pub fn worker_group(scope: &Scope, t: &PrometheusRuleSpec) -> Value {
 pub fn operator_group() -> Value {
     json!({"name": "eventworker-operator", "rules": [
         alert(
+            "EventWorkerOperatorNoLeader",
+            "max(eventworker_operator_leader) < 1 or absent(eventworker_operator_leader)".into(),
+            "5m",
+            "critical",
+            "No eventworker operator replica holds the leader lease",
+            "Nobody reconciles EventWorkers: the operator is down, not scraped, or its replicas cannot take the Lease (API server unreachable, RBAC).",
+        ),
+        alert(
             "EventWorkerOperatorNotReconciling",
-            "sum(increase(eventworker_operator_reconciles_total[10m])) == 0 and max(eventworker_operator_eventworkers) > 0"
+            "sum(increase(eventworker_operator_reconciles_total[10m])) == 0 and max(eventworker_operator_leader) > 0 and max(eventworker_operator_eventworkers) > 0"
                 .into(),
             "5m",
             "critical",
-            "The eventworker operator has not reconciled any EventWorker for 15 minutes",
-            "No replica reconciles: no leader, a hung controller, or the API server out of reach.",
+            "The eventworker operator's leader has not reconciled any EventWorker for 15 minutes",
+            "The leader holds the Lease but reconciles nothing: a hung controller or watch.",
         ),
         alert(
             "EventWorkerOperatorReconcileErrors",
