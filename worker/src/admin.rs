@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::streams::Conn;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use redis::aio::ConnectionManager;
 use serde_json::json;
 
 use crate::dlq::redrive::{gather, replay, Filter, FilterQuery, ReplayReport, Targets};
@@ -81,7 +81,7 @@ impl Health {
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub redis: Option<ConnectionManager>,
+    pub redis: Option<Conn>,
     /// The SQL dead-letter store, when that is the configured sink.
     pub dlq: Option<Arc<SqlSink>>,
     /// `ADMIN_TOKEN`: required by the dead-letter endpoints. Without it `/dlq` and

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::streams::Conn;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,7 +42,7 @@ const HOLD_SWEEP: Duration = Duration::from_secs(30);
 /// Everything the stream consumers share.
 pub struct Worker {
     pub cfg: Arc<Config>,
-    pub redis: ConnectionManager,
+    pub redis: Conn,
     pub scripts: Arc<Scripts>,
     pub deliverer: Deliverer,
     pub sink: Sink,
@@ -70,7 +70,7 @@ impl Worker {
     /// then stays pending and is recovered later).
     pub(crate) async fn redis_retry<T, F, Fut>(&self, op: &'static str, mut f: F) -> Option<T>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: Future<Output = crate::Result<T>>,
     {
         for n in 1.. {
@@ -385,7 +385,7 @@ impl Stream {
     /// Returns the entries and whether they are recovered ones.
     async fn read_once(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         cur: &mut Cursors,
         want: usize,
     ) -> Result<(Vec<RawEntry>, bool), redis::RedisError> {
@@ -436,7 +436,7 @@ impl Stream {
     /// Hand on held keys whose holder has not come back in time (its entry trimmed from
     /// the stream or deleted from the retry schedule): their waiting events must not wait
     /// forever.
-    async fn sweep_holds(&self, con: &mut ConnectionManager) {
+    async fn sweep_holds(&self, con: &mut Conn) {
         let held: HashMap<String, String> = match redis::cmd("HGETALL").arg(&self.held_key).query_async(con).await {
             Ok(h) => h,
             Err(e) => {

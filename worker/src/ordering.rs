@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::streams::Conn;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -84,7 +84,7 @@ impl Holds {
     }
 
     /// Load the stream's held keys from Redis (on taking the lease).
-    pub async fn load(&self, con: &mut ConnectionManager, held_key: &str) -> crate::Result<()> {
+    pub async fn load(&self, con: &mut Conn, held_key: &str) -> crate::Result<()> {
         let raw: HashMap<String, String> = redis::cmd("HGETALL").arg(held_key).query_async(con).await?;
         let mut map = crate::lock(&self.map);
         map.clear();
@@ -111,7 +111,7 @@ pub fn new_token() -> String {
 /// Keeps (or waits for) the lease of one ordered stream until `done` fires, then gives it
 /// up. The watch says whether we hold it.
 pub async fn hold_lease(
-    mut con: ConnectionManager,
+    mut con: Conn,
     scripts: Arc<Scripts>,
     key: String,
     owner: String,

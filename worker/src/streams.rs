@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{Client, RedisError, Script, Value};
 
 use crate::event::RawEntry;
@@ -24,15 +25,113 @@ fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
         .set_number_of_retries(2)
 }
 
+/// A connection to Redis: one server (a reconnecting `ConnectionManager`) or a Redis
+/// Cluster (a slot-routed connection per node, following MOVED / ASK; made on first use).
+/// Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(LazyCluster),
+}
+
+/// A cluster connection made on first use (and again after it could not be made), so that
+/// the worker starts, and reports not-ready, while the cluster is down.
+#[derive(Clone)]
+pub struct LazyCluster {
+    client: std::sync::Arc<redis::cluster::ClusterClient>,
+    con: std::sync::Arc<tokio::sync::Mutex<Option<ClusterConnection>>>,
+}
+
+impl LazyCluster {
+    async fn get(&self) -> redis::RedisResult<ClusterConnection> {
+        let mut slot = self.con.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self.client.get_async_connection().await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(lazy) => Box::pin(async move { lazy.get().await?.req_packed_command(cmd).await }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(lazy) => {
+                Box::pin(async move { lazy.get().await?.req_packed_commands(cmd, offset, count).await })
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(_) => 0,
+        }
+    }
+}
+
+/// The seed nodes of a cluster URL, `redis+cluster://[user:password@]host:port[,host:port...]`
+/// (`rediss+cluster://` for TLS), as one `redis://` URL each; None for any other URL.
+pub fn cluster_seeds(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = match scheme {
+        "redis+cluster" => "redis",
+        "rediss+cluster" => "rediss",
+        _ => return None,
+    };
+    let rest = rest.trim_end_matches('/');
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((a, h)) => (format!("{a}@"), h),
+        None => (String::new(), rest),
+    };
+    Some(hosts.split(',').filter(|h| !h.trim().is_empty()).map(|h| format!("{scheme}://{auth}{}", h.trim())).collect())
+}
+
+fn cluster_client(seeds: Vec<String>, response_timeout: Duration) -> Result<redis::cluster::ClusterClient> {
+    Ok(redis::cluster::ClusterClient::builder(seeds)
+        .connection_timeout(Duration::from_secs(2))
+        .response_timeout(response_timeout)
+        .retries(3)
+        .build()?)
+}
+
 /// Connect now, with automatic reconnection afterwards.
-pub async fn connect(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
-    Ok(ConnectionManager::new_with_config(Client::open(url)?, manager_config(response_timeout)).await?)
+pub async fn connect(url: &str, response_timeout: Duration) -> Result<Conn> {
+    if let Some(seeds) = cluster_seeds(url) {
+        let lazy = LazyCluster {
+            client: std::sync::Arc::new(cluster_client(seeds, response_timeout)?),
+            con: Default::default(),
+        };
+        lazy.get().await?;
+        return Ok(Conn::Cluster(lazy));
+    }
+    Ok(Conn::Single(ConnectionManager::new_with_config(Client::open(url)?, manager_config(response_timeout)).await?))
 }
 
 /// Like [`connect`], but returns at once and connects in the background (the worker must
 /// start, and report not-ready, while Redis is down).
-pub fn connect_lazy(url: &str, response_timeout: Duration) -> Result<ConnectionManager> {
-    Ok(ConnectionManager::new_lazy_with_config(Client::open(url)?, manager_config(response_timeout))?)
+pub fn connect_lazy(url: &str, response_timeout: Duration) -> Result<Conn> {
+    if let Some(seeds) = cluster_seeds(url) {
+        return Ok(Conn::Cluster(LazyCluster {
+            client: std::sync::Arc::new(cluster_client(seeds, response_timeout)?),
+            con: Default::default(),
+        }));
+    }
+    Ok(Conn::Single(ConnectionManager::new_lazy_with_config(Client::open(url)?, manager_config(response_timeout))?))
 }
 
 pub fn is_nogroup(e: &RedisError) -> bool {
@@ -40,7 +139,7 @@ pub fn is_nogroup(e: &RedisError) -> bool {
 }
 
 /// `XGROUP CREATE <key> <group> 0 MKSTREAM`; an existing group is fine.
-pub async fn ensure_group(con: &mut ConnectionManager, key: &str, group: &str) -> Result<()> {
+pub async fn ensure_group(con: &mut Conn, key: &str, group: &str) -> Result<()> {
     let r: redis::RedisResult<Value> =
         redis::cmd("XGROUP").arg("CREATE").arg(key).arg(group).arg("0").arg("MKSTREAM").query_async(con).await;
     match r {
@@ -52,7 +151,7 @@ pub async fn ensure_group(con: &mut ConnectionManager, key: &str, group: &str) -
 
 /// XREADGROUP for one stream. `id` is ">" for new entries or an id for the own pending list.
 pub async fn read_group(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     key: &str,
     group: &str,
     consumer: &str,
@@ -92,7 +191,7 @@ pub async fn read_group(
 /// XAUTOCLAIM: take over entries idle longer than `min_idle` in any consumer's pending list.
 /// Returns the next cursor and the claimed entries (deleted ones are dropped by Redis).
 pub async fn autoclaim(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     key: &str,
     group: &str,
     consumer: &str,
@@ -121,7 +220,7 @@ pub async fn autoclaim(
 
 /// Reset the idle time of entries this consumer is still working on, so that other
 /// consumers do not take them over.
-pub async fn touch(con: &mut ConnectionManager, key: &str, group: &str, consumer: &str, ids: &[String]) -> Result<()> {
+pub async fn touch(con: &mut Conn, key: &str, group: &str, consumer: &str, ids: &[String]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
@@ -135,7 +234,7 @@ pub async fn touch(con: &mut ConnectionManager, key: &str, group: &str, consumer
 /// see `dlq/outbox.rs`) are recorded in the same transaction as the XACK: a delivered
 /// event's clean-up is never lost, and never recorded for an entry not acknowledged.
 pub async fn ack(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     key: &str,
     group: &str,
     ids: &[String],
@@ -164,7 +263,7 @@ pub fn counter_key(stream_key: &str, id: &str) -> String {
 }
 
 /// INCR the attempt counter and refresh its TTL; returns the failures recorded so far.
-pub async fn count_failure(con: &mut ConnectionManager, counter: &str, ttl: Duration) -> Result<u32> {
+pub async fn count_failure(con: &mut Conn, counter: &str, ttl: Duration) -> Result<u32> {
     // Atomic: a counter must never be left without its expiry.
     let (n,): (i64,) = redis::pipe()
         .atomic()
@@ -179,7 +278,7 @@ pub async fn count_failure(con: &mut ConnectionManager, counter: &str, ttl: Dura
     Ok(n.clamp(0, u32::MAX as i64) as u32)
 }
 
-pub async fn get_failures(con: &mut ConnectionManager, counter: &str) -> Result<u32> {
+pub async fn get_failures(con: &mut Conn, counter: &str) -> Result<u32> {
     let n: Option<i64> = redis::cmd("GET").arg(counter).query_async(con).await?;
     Ok(n.unwrap_or(0).clamp(0, u32::MAX as i64) as u32)
 }
@@ -431,7 +530,7 @@ pub struct AppendReq<'a> {
 }
 
 impl Scripts {
-    pub async fn schedule(&self, con: &mut ConnectionManager, r: &ScheduleReq<'_>) -> Result<String> {
+    pub async fn schedule(&self, con: &mut Conn, r: &ScheduleReq<'_>) -> Result<String> {
         let id: String = self
             .schedule
             .key(r.stream_key)
@@ -456,7 +555,7 @@ impl Scripts {
     }
 
     /// True when the event joined the key's waiting events; false when the key is free.
-    pub async fn hold_append(&self, con: &mut ConnectionManager, r: &AppendReq<'_>) -> Result<bool> {
+    pub async fn hold_append(&self, con: &mut Conn, r: &AppendReq<'_>) -> Result<bool> {
         let n: i64 = self
             .hold_append
             .key(r.stream_key)
@@ -476,7 +575,7 @@ impl Scripts {
     }
 
     /// Hand a held key on (see [`ReleaseReq`]). The key's token now ("" when it is free).
-    pub async fn hold_release(&self, con: &mut ConnectionManager, r: &ReleaseReq<'_>) -> Result<String> {
+    pub async fn hold_release(&self, con: &mut Conn, r: &ReleaseReq<'_>) -> Result<String> {
         let (entry, counter) = r.finished.unwrap_or(("0-0", ""));
         Ok(self
             .hold_release
@@ -501,36 +600,24 @@ impl Scripts {
     }
 
     /// Take or renew a lease for `ttl`; true when `owner` holds it.
-    pub async fn lease(&self, con: &mut ConnectionManager, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
+    pub async fn lease(&self, con: &mut Conn, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
         let n: i64 = self.lease.key(key).arg(owner).arg(ttl.as_millis().max(1) as u64).invoke_async(con).await?;
         Ok(n == 1)
     }
 
-    pub async fn unlease(&self, con: &mut ConnectionManager, key: &str, owner: &str) -> Result<()> {
+    pub async fn unlease(&self, con: &mut Conn, key: &str, owner: &str) -> Result<()> {
         let _: i64 = self.unlease.key(key).arg(owner).invoke_async(con).await?;
         Ok(())
     }
 
     /// Remove `consumer` from the group if nothing is pending for it; true when removed.
-    pub async fn remove_consumer(
-        &self,
-        con: &mut ConnectionManager,
-        key: &str,
-        group: &str,
-        consumer: &str,
-    ) -> Result<bool> {
+    pub async fn remove_consumer(&self, con: &mut Conn, key: &str, group: &str, consumer: &str) -> Result<bool> {
         let n: i64 = self.remove_consumer.key(key).arg(group).arg(consumer).invoke_async(con).await?;
         Ok(n == 1)
     }
 
     /// Returns how many entries were moved.
-    pub async fn move_due(
-        &self,
-        con: &mut ConnectionManager,
-        now_unix: f64,
-        limit: usize,
-        fallback: &str,
-    ) -> Result<usize> {
+    pub async fn move_due(&self, con: &mut Conn, now_unix: f64, limit: usize, fallback: &str) -> Result<usize> {
         let n: i64 = self
             .move_due
             .key(RETRY_STREAM)
@@ -554,7 +641,7 @@ pub struct ConsumerInfo {
     pub idle: Duration,
 }
 
-pub async fn consumers(con: &mut ConnectionManager, key: &str, group: &str) -> Result<Vec<ConsumerInfo>> {
+pub async fn consumers(con: &mut Conn, key: &str, group: &str) -> Result<Vec<ConsumerInfo>> {
     let v: Value = redis::cmd("XINFO").arg("CONSUMERS").arg(key).arg(group).query_async(con).await?;
     let Value::Array(items) = v else { return Ok(vec![]) };
     Ok(items
@@ -571,7 +658,7 @@ pub async fn consumers(con: &mut ConnectionManager, key: &str, group: &str) -> R
         .collect())
 }
 
-pub async fn scheduled_count(con: &mut ConnectionManager) -> Result<i64> {
+pub async fn scheduled_count(con: &mut Conn) -> Result<i64> {
     Ok(redis::cmd("ZCARD").arg(RETRY_DELAYS).query_async(con).await?)
 }
 
@@ -651,4 +738,20 @@ fn parse_entries(v: Value) -> Vec<RawEntry> {
             Some(RawEntry { id: into_string(parts.swap_remove(0))?, fields })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_name_their_seed_nodes() {
+        assert_eq!(
+            cluster_seeds("redis+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001/"),
+            Some(vec!["redis://:pw@10.0.0.1:7000".to_string(), "redis://:pw@10.0.0.2:7001".to_string()])
+        );
+        assert_eq!(cluster_seeds("rediss+cluster://c.example:6379"), Some(vec!["rediss://c.example:6379".to_string()]));
+        assert_eq!(cluster_seeds("redis://localhost:6379"), None);
+        assert_eq!(cluster_seeds("localhost:6379"), None);
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::streams::Conn;
 
 use super::redrive::{gather, replay, ReplayOptions, Targets};
 use super::sql::DlqRow;
@@ -11,7 +11,7 @@ use super::SqlSink;
 use crate::config::{stream_key, Config, DlqAction, DlqConfig};
 use crate::{Error, Result};
 
-async fn connect(cfg: &Config) -> Result<ConnectionManager> {
+async fn connect(cfg: &Config) -> Result<Conn> {
     let addr = crate::redact(&cfg.redis_url);
     tokio::time::timeout(Duration::from_secs(10), crate::streams::connect(&cfg.redis_url, Duration::from_secs(5)))
         .await

@@ -33,7 +33,7 @@ pub fn cleanup_key(group: &str) -> String {
     format!("eventworker:outbox:{group}:delivered")
 }
 
-pub async fn pending(con: &mut redis::aio::ConnectionManager, group: &str) -> crate::Result<i64> {
+pub async fn pending(con: &mut crate::streams::Conn, group: &str) -> crate::Result<i64> {
     Ok(redis::cmd("SCARD").arg(cleanup_key(group)).query_async(con).await?)
 }
 

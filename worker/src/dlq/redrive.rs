@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::streams::Conn;
 use base64::Engine;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -243,10 +243,7 @@ pub fn entry_for(full: &FullRow) -> (String, Vec<u8>) {
 
 /// Every stored dead letter: the SQL store's rows, then the Redis stream's letters (with
 /// their full content, keyed by stream entry id).
-pub async fn gather(
-    sql: Option<&SqlSink>,
-    redis: Option<&ConnectionManager>,
-) -> Result<(Vec<DlqRow>, HashMap<String, FullRow>)> {
+pub async fn gather(sql: Option<&SqlSink>, redis: Option<&Conn>) -> Result<(Vec<DlqRow>, HashMap<String, FullRow>)> {
     let mut rows = match sql {
         Some(s) => s.list().await?,
         None => vec![],
@@ -265,7 +262,7 @@ pub async fn gather(
 
 pub async fn replay(
     sql: Option<&SqlSink>,
-    redis: &ConnectionManager,
+    redis: &Conn,
     filter: &Filter,
     opts: &ReplayOptions,
     targets: &Targets,
@@ -320,7 +317,7 @@ pub async fn replay(
 }
 
 /// One SQL row back into `target`; the row changes only if the XADD succeeded.
-async fn take_sql(sink: &SqlSink, con: &mut ConnectionManager, row: &DlqRow, target: &str) -> Result<Option<String>> {
+async fn take_sql(sink: &SqlSink, con: &mut Conn, row: &DlqRow, target: &str) -> Result<Option<String>> {
     let origin = row.stream.clone();
     let taken = sink
         .take(&row.id, |full| async move {

@@ -3,7 +3,7 @@
 //! that it neither blocks its stream nor is lost. Bounded (oldest trimmed beyond
 //! [`MAXLEN`]); listed and replayed by the same commands as the SQL store.
 
-use redis::aio::ConnectionManager;
+use crate::streams::Conn;
 use redis::Value;
 
 use super::sql::{DlqRow, FullRow};
@@ -15,7 +15,7 @@ pub const DLQ_STREAM: &str = "events:dlq";
 pub const MAXLEN: usize = 100_000;
 
 /// Keep a refused dead letter, with the sink's reason for refusing it.
-pub async fn add(con: &mut ConnectionManager, r: &DeadLetter, sink_error: &str) -> Result<String> {
+pub async fn add(con: &mut Conn, r: &DeadLetter, sink_error: &str) -> Result<String> {
     let id: String = redis::cmd("XADD")
         .arg(DLQ_STREAM)
         .arg("MAXLEN")
@@ -46,7 +46,7 @@ pub async fn add(con: &mut ConnectionManager, r: &DeadLetter, sink_error: &str) 
 }
 
 /// Every letter in the stream, oldest first.
-pub async fn list(con: &mut ConnectionManager) -> Result<Vec<FullRow>> {
+pub async fn list(con: &mut Conn) -> Result<Vec<FullRow>> {
     let v: Value = redis::cmd("XRANGE").arg(DLQ_STREAM).arg("-").arg("+").query_async(con).await?;
     let Value::Array(entries) = v else { return Ok(vec![]) };
     let mut out = Vec::new();
@@ -86,7 +86,7 @@ return redis.call('XADD', KEYS[2], '*', 'meta', ARGV[2], 'payload', ARGV[3])
 "#;
 
 pub async fn take(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     entry: &str,
     target: &str,
     counter: &str,
@@ -106,6 +106,6 @@ pub async fn take(
 }
 
 /// Remove letters from the stream (after they were replayed elsewhere or purged).
-pub async fn len(con: &mut ConnectionManager) -> Result<i64> {
+pub async fn len(con: &mut Conn) -> Result<i64> {
     Ok(redis::cmd("XLEN").arg(DLQ_STREAM).query_async(con).await?)
 }

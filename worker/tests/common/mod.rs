@@ -2,6 +2,7 @@
 //! HTTP sink that records what it receives, the worker binary as a child process.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod db;
 pub mod jaeger;
 

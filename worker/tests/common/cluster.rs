@@ -1,0 +1,142 @@
+//! A real Redis Cluster for the tests: three masters with one replica each, every node a
+//! `redis-server --cluster-enabled yes` on free ports (its bus port, +10000, free too),
+//! joined with `redis-cli --cluster create`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+pub struct RedisCluster {
+    pub nodes: Vec<Node>,
+    dir: PathBuf,
+}
+
+pub struct Node {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+/// A port whose cluster bus port (+10000) is free as well.
+fn cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 22_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Six nodes, three masters with one replica each; returns once every slot is served.
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("ew-cluster-{}", free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cluster = Self { nodes: Vec::new(), dir };
+        for _ in 0..6 {
+            let port = cluster_port();
+            let child = cluster.spawn(port);
+            cluster.nodes.push(Node { port, child: Some(child) });
+        }
+        for n in &cluster.nodes {
+            wait_for(&format!("node {} answers", n.port), || cli(n.port, &["PING"]).is_some_and(|o| o == "PONG"));
+        }
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]);
+        for n in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create.args(["--cluster-replicas", "1", "--cluster-yes"]).output().expect("redis-cli");
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        for n in &cluster.nodes {
+            wait_for(&format!("node {} sees the cluster ok", n.port), || {
+                cli(n.port, &["CLUSTER", "INFO"]).is_some_and(|o| o.contains("cluster_state:ok"))
+            });
+            // A replica that never finished its first sync would not take over.
+            wait_for(&format!("node {} in sync", n.port), || {
+                cli(n.port, &["INFO", "replication"])
+                    .is_some_and(|o| o.contains("role:master") || o.contains("master_link_status:up"))
+            });
+        }
+        cluster
+    }
+
+    fn spawn(&self, port: u16) -> Child {
+        let node_dir = self.dir.join(port.to_string());
+        std::fs::create_dir_all(&node_dir).unwrap();
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"])
+            // A replica takes over however long it was cut off (a test kills masters).
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--appendonly", "yes", "--save", "", "--dir"])
+            .arg(&node_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)")
+    }
+
+    /// `redis+cluster://` URL with every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The port of the master serving `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let slot: u16 = cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key]).unwrap().trim().parse().unwrap();
+        let nodes = cli(self.nodes[0].port, &["CLUSTER", "NODES"]).unwrap();
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            for range in &f[8..] {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    if (lo..=hi).contains(&slot) {
+                        return f[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+                    }
+                }
+            }
+        }
+        panic!("no master serves slot {slot}:\n{nodes}")
+    }
+
+    /// `kill -9` one node.
+    pub fn kill(&mut self, port: u16) {
+        let n = self.nodes.iter_mut().find(|n| n.port == port).expect("a node of this cluster");
+        if let Some(mut c) = n.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `redis-cli -p <port> <args>`: its output, None when it failed.
+pub fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
