@@ -318,6 +318,8 @@ pub struct Config {
     pub ordering_lease: Duration,
     pub log_format: LogFormat,
     pub otlp_endpoint: Option<String>,
+    /// How the worker names its own keys (single Redis; cluster mode is not offered yet).
+    pub layout: crate::streams::Layout,
     pub worker_threads: Option<usize>,
     pub admin_token: Option<String>,
     /// Outbox rows older than this that are neither delivered nor dead-lettered count as undelivered.
@@ -470,6 +472,7 @@ impl Config {
             ordering_lease,
             log_format: a.log_format,
             otlp_endpoint: a.otel_exporter_otlp_endpoint,
+            layout: crate::streams::Layout::Single,
             admin_token: a.admin_token.filter(|t| !t.is_empty()),
             outbox_audit_after: seconds("OUTBOX_AUDIT_AFTER", a.outbox_audit_after)?,
             targets,

@@ -143,7 +143,8 @@ pub(crate) struct Stream {
     max_in_flight: usize,
     /// Held ordering keys (ordered streams, while this worker holds the lease).
     pub holds: Holds,
-    pub held_key: String,
+    /// The worker's own keys for this stream (retry schedule, held keys, lease, counters).
+    pub keys: crate::streams::StreamKeys,
     /// Target hosts of recent events, and when each was last seen.
     pub hosts_seen: Mutex<HashMap<Arc<str>, Instant>>,
     /// Whether this worker holds the stream's ordering lease (always true when unordered).
@@ -156,7 +157,8 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
     let (tx, rx) = mpsc::channel(ACK_BATCH * 4);
     let acking = Arc::new(Mutex::new(HashSet::new()));
     let acker = tokio::spawn(ack_loop(w.clone(), key.clone(), rx, acking.clone()));
-    let (lease_key, held_key) = ordering::keys(&w.cfg.group, &key);
+    let keys = crate::streams::StreamKeys::new(w.cfg.layout, &w.cfg.group, &key);
+    let lease_key = keys.lease.clone();
     let max_in_flight = w.cfg.max_in_flight_for(&name);
     // Ordered streams are delivered by one consumer at a time: the holder of the lease.
     // The lease outlives the drain, so no other worker starts on our keys meanwhile.
@@ -176,7 +178,7 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
         tracker: TaskTracker::new(),
         in_flight_gauge: w.metrics.in_flight.with_label_values(&[&key]),
         holds: Holds::default(),
-        held_key,
+        keys,
         hosts_seen: Mutex::new(HashMap::new()),
         leader: leader_rx.clone(),
         key,
@@ -329,7 +331,7 @@ impl Stream {
                 if !was_leader {
                     // Everything a previous holder left pending goes first, in id order,
                     // and the held keys are as it left them.
-                    if let Err(e) = self.holds.load(&mut con, &self.held_key).await {
+                    if let Err(e) = self.holds.load(&mut con, &self.keys.held).await {
                         errors += 1;
                         self.on_redis_error("load_holds", &e.to_string(), errors).await;
                         continue;
@@ -437,7 +439,7 @@ impl Stream {
     /// the stream or deleted from the retry schedule): their waiting events must not wait
     /// forever.
     async fn sweep_holds(&self, con: &mut Conn) {
-        let held: HashMap<String, String> = match redis::cmd("HGETALL").arg(&self.held_key).query_async(con).await {
+        let held: HashMap<String, String> = match redis::cmd("HGETALL").arg(&self.keys.held).query_async(con).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read held keys");

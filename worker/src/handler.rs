@@ -17,7 +17,7 @@ use crate::event::{self, Event, RawEntry, ATTEMPTS_FIELD, SINCE_FIELD, TRACEPARE
 use crate::hosts::Admit;
 use crate::ordering::new_token;
 use crate::retry::{backoff, exhausted, MAX_SCHEDULE_DELAY};
-use crate::streams::{self, counter_key, AppendReq, HoldKeys, ReleaseReq, ScheduleReq};
+use crate::streams::{self, AppendReq, ReleaseReq, ScheduleReq};
 
 /// Longest a dead-letter sink may take to accept one record.
 const SINK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,7 +55,7 @@ impl Stream {
         let w = &self.w;
         let cfg = &w.cfg;
         let ev = &job.ev;
-        let counter = counter_key(&self.key, ev.dlq_id());
+        let counter = self.keys.counter(ev.dlq_id());
         let mut failures = ev.prior_failures;
         if job.recovered {
             let c = &counter;
@@ -285,11 +285,11 @@ impl Stream {
         }
         let meta_json = Value::Object(meta).to_string();
         let timeout = ev.timeout.map(|t| t.as_secs_f64().to_string());
-        let counter = counter_key(&self.key, ev.dlq_id());
+        let counter = self.keys.counter(ev.dlq_id());
         let token = lane.map(|_| new_token());
-        let hold = lane.zip(token.as_deref()).map(|(k, t)| (self.held_key.as_str(), k, t));
+        let hold = lane.zip(token.as_deref()).map(|(k, t)| (self.keys.held.as_str(), k, t));
         let req = ScheduleReq {
-            stream_key: &self.key,
+            keys: &self.keys,
             group: &w.cfg.group,
             entry_id: &ev.entry_id,
             delete: w.cfg.delete_on_ack,
@@ -322,7 +322,7 @@ impl Stream {
         let ev = &job.ev;
         let meta_json = Value::Object(ev.meta.clone()).to_string();
         let timeout = ev.timeout.map(|t| t.as_secs_f64().to_string());
-        let keys = HoldKeys::new(&w.cfg.group, &self.key, key);
+        let keys = self.keys.hold(key);
         let req = AppendReq {
             stream_key: &self.key,
             group: &w.cfg.group,
@@ -353,7 +353,7 @@ impl Stream {
     /// held it.
     async fn finished(&self, job: Job, lane: Option<&str>, clear_counter: bool, cleanup: Option<String>) {
         let ev = &job.ev;
-        let counter = counter_key(&self.key, ev.dlq_id());
+        let counter = self.keys.counter(ev.dlq_id());
         let holder = lane.filter(|k| ev.hold_token.is_some() && self.holds.token(k) == ev.hold_token);
         let (Some(key), Some(token)) = (holder, ev.hold_token.as_deref()) else {
             return self.ack(&ev.entry_id, clear_counter.then_some(counter), cleanup).await;
@@ -370,7 +370,7 @@ impl Stream {
     /// value the sweep saw).
     pub(crate) async fn hand_on(&self, key: &str, finished: Option<(&str, &str)>, token: &str, cleanup: Option<&str>) {
         let w = &self.w;
-        let keys = HoldKeys::new(&w.cfg.group, &self.key, key);
+        let keys = self.keys.hold(key);
         let set = crate::dlq::outbox::cleanup_key(&w.cfg.group);
         let next = new_token();
         let req = ReleaseReq {

@@ -29,7 +29,7 @@ use crate::streams::Conn;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::streams::{self, Scripts};
+use crate::streams::Scripts;
 
 /// What to do with an event of an ordered stream, given its key's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,11 +154,6 @@ pub async fn hold_lease(
         }
         leader.send_replace(false);
     }
-}
-
-/// Redis keys of the lease and held keys of a stream.
-pub fn keys(group: &str, stream_key: &str) -> (String, String) {
-    (streams::lease_key(group, stream_key), streams::held_key(group, stream_key))
 }
 
 #[cfg(test)]

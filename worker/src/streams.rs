@@ -258,8 +258,10 @@ pub async fn ack(
     Ok(())
 }
 
+/// The failed-attempt counter of event `id` in `stream_key` (single layout; a stream's own
+/// are `StreamKeys::counter`).
 pub fn counter_key(stream_key: &str, id: &str) -> String {
-    format!("err_count:{stream_key}:{id}")
+    StreamKeys::new(Layout::Single, "", stream_key).counter(id)
 }
 
 /// INCR the attempt counter and refresh its TTL; returns the failures recorded so far.
@@ -451,6 +453,63 @@ impl Default for Scripts {
     }
 }
 
+/// How the worker names its own keys. `Single`: the original's names (the wire contract with
+/// the Python worker and its tools). `Cluster`: every key of a stream carries the stream key
+/// as hash tag, so that it lives in the stream's slot and one script may touch them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    #[default]
+    Single,
+    Cluster,
+}
+
+/// The worker's keys for one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamKeys {
+    /// The stream itself (the producers' key, unchanged in both layouts).
+    pub stream: String,
+    /// Scheduled retries: the entries, and their due times.
+    pub retry: String,
+    pub delays: String,
+    /// Held ordering keys, and the ordering lease.
+    pub held: String,
+    pub lease: String,
+    /// The stream key as it appears inside the other keys (`{events:fast}` in a cluster).
+    tag: String,
+    group: String,
+}
+
+impl StreamKeys {
+    pub fn new(layout: Layout, group: &str, stream: &str) -> Self {
+        let (tag, retry, delays) = match layout {
+            Layout::Single => (stream.to_string(), RETRY_STREAM.to_string(), RETRY_DELAYS.to_string()),
+            Layout::Cluster => {
+                (format!("{{{stream}}}"), format!("{{{stream}}}:retry"), format!("{{{stream}}}:retry:delays"))
+            }
+        };
+        Self {
+            stream: stream.to_string(),
+            held: format!("eventworker:held:{group}:{tag}"),
+            lease: format!("eventworker:lease:{group}:{tag}"),
+            retry,
+            delays,
+            tag,
+            group: group.to_string(),
+        }
+    }
+
+    /// The failed-attempt counter of event `id`.
+    pub fn counter(&self, id: &str) -> String {
+        format!("err_count:{}:{id}", self.tag)
+    }
+
+    /// Where the waiting events of ordering key `key` live.
+    pub fn hold(&self, key: &str) -> HoldKeys {
+        let base = format!("eventworker:hold:{}:{}:{key}", self.group, self.tag);
+        HoldKeys { held: self.held.clone(), front: format!("{base}:front"), back: format!("{base}:back") }
+    }
+}
+
 /// Where a held ordering key's waiting events live. `front` takes events that were already
 /// in circulation when the key was held again (they go before `back`, the newer arrivals).
 pub struct HoldKeys {
@@ -459,26 +518,9 @@ pub struct HoldKeys {
     pub back: String,
 }
 
-impl HoldKeys {
-    pub fn new(group: &str, stream_key: &str, key: &str) -> Self {
-        let base = format!("eventworker:hold:{group}:{stream_key}:{key}");
-        Self { held: held_key(group, stream_key), front: format!("{base}:front"), back: format!("{base}:back") }
-    }
-}
-
-/// Hash of held ordering keys of a stream: key -> "<token> <events in circulation>".
-pub fn held_key(group: &str, stream_key: &str) -> String {
-    format!("eventworker:held:{group}:{stream_key}")
-}
-
-/// The ordering lease of a stream: one consumer delivers an ordered stream at a time.
-pub fn lease_key(group: &str, stream_key: &str) -> String {
-    format!("eventworker:lease:{group}:{stream_key}")
-}
-
 /// One scheduled retry.
 pub struct ScheduleReq<'a> {
-    pub stream_key: &'a str,
+    pub keys: &'a StreamKeys,
     pub group: &'a str,
     pub entry_id: &'a str,
     pub delete: bool,
@@ -533,9 +575,9 @@ impl Scripts {
     pub async fn schedule(&self, con: &mut Conn, r: &ScheduleReq<'_>) -> Result<String> {
         let id: String = self
             .schedule
-            .key(r.stream_key)
-            .key(RETRY_STREAM)
-            .key(RETRY_DELAYS)
+            .key(&r.keys.stream)
+            .key(&r.keys.retry)
+            .key(&r.keys.delays)
             .arg(r.group)
             .arg(r.entry_id)
             .arg(if r.delete { "1" } else { "0" })
@@ -545,9 +587,9 @@ impl Scripts {
             .arg(r.timeout.unwrap_or(b""))
             .arg(r.hold.map(|h| h.1).unwrap_or(""))
             .arg(r.hold.map(|h| h.2).unwrap_or(""))
-            .key(r.hold.map(|h| h.0).unwrap_or(RETRY_DELAYS))
+            .key(r.hold.map(|h| h.0).unwrap_or(&r.keys.delays))
             .arg(r.expect_by_ms)
-            .key(r.drop_counter.unwrap_or(RETRY_DELAYS))
+            .key(r.drop_counter.unwrap_or(&r.keys.delays))
             .arg(if r.drop_counter.is_some() { "1" } else { "0" })
             .invoke_async(con)
             .await?;
@@ -559,7 +601,8 @@ impl Scripts {
         let n: i64 = self
             .hold_append
             .key(r.stream_key)
-            .key(RETRY_STREAM)
+            // Not used by the script; any key of the stream's slot.
+            .key(&r.keys.held)
             .key(&r.keys.held)
             .key(if r.front { &r.keys.front } else { &r.keys.back })
             .arg(r.group)
@@ -743,6 +786,29 @@ fn parse_entries(v: Value) -> Vec<RawEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_layout_keeps_the_original_names_and_cluster_keys_share_their_streams_slot() {
+        let k = StreamKeys::new(Layout::Single, "workers", "events:fast");
+        assert_eq!((k.retry.as_str(), k.delays.as_str()), ("events:retry", "events:retry:delays"));
+        assert_eq!(k.held, "eventworker:held:workers:events:fast");
+        assert_eq!(k.lease, "eventworker:lease:workers:events:fast");
+        assert_eq!(k.counter("42"), "err_count:events:fast:42");
+        let h = k.hold("user-1");
+        assert_eq!(h.front, "eventworker:hold:workers:events:fast:user-1:front");
+        assert_eq!(counter_key("events:fast", "42"), k.counter("42"));
+
+        let c = StreamKeys::new(Layout::Cluster, "workers", "events:fast");
+        let h = c.hold("user-{1}");
+        let all =
+            [c.retry.clone(), c.delays.clone(), c.held.clone(), c.lease.clone(), c.counter("42"), h.front, h.back];
+        for key in all {
+            // Redis hashes the first {...} of a key: here always the stream key.
+            let tag = key.split_once('{').and_then(|(_, rest)| rest.split_once('}')).map(|(t, _)| t);
+            assert_eq!(tag, Some("events:fast"), "{key}");
+        }
+        assert_eq!(c.retry, "{events:fast}:retry");
+    }
 
     #[test]
     fn cluster_urls_name_their_seed_nodes() {

@@ -446,7 +446,7 @@ async fn odd_retry_after_values_never_break_a_delivery() {
 /// the second time: no duplicate retry entry, no second hand-over of a key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hold_scripts_are_safe_to_run_twice() {
-    use eventworker::streams::{self, HoldKeys, ReleaseReq, ScheduleReq, Scripts};
+    use eventworker::streams::{self, ReleaseReq, ScheduleReq, Scripts};
     let redis = RedisServer::start();
     let mut con = redis.con().await;
     let mut cm = streams::connect(&redis.url(), Duration::from_secs(5)).await.unwrap();
@@ -455,11 +455,12 @@ async fn hold_scripts_are_safe_to_run_twice() {
     produce(&mut con, "events:fast", &[(meta("a", "t"), b"A".to_vec()), (meta("b", "t"), b"B".to_vec())]).await;
     let read = streams::read_group(&mut cm, "events:fast", "g", "c", ">", 10, None).await.unwrap();
     let (a, b) = (&read[0].id, &read[1].id);
-    let held = streams::held_key("g", "events:fast");
+    let sk = streams::StreamKeys::new(streams::Layout::Single, "g", "events:fast");
+    let held = sk.held.clone();
     // Event a is scheduled for a retry and holds key k: twice.
     for _ in 0..2 {
         let req = ScheduleReq {
-            stream_key: "events:fast",
+            keys: &sk,
             group: "g",
             entry_id: a,
             delete: true,
@@ -475,7 +476,7 @@ async fn hold_scripts_are_safe_to_run_twice() {
     }
     assert_eq!(xlen(&mut con, "events:retry").await, 1, "one retry entry, not two");
     // Two events wait behind it.
-    let keys = HoldKeys::new("g", "events:fast", "k");
+    let keys = sk.hold("k");
     for payload in ["w1", "w2"] {
         let _: String = redis::cmd("XADD")
             .arg(&keys.back)
@@ -523,8 +524,8 @@ async fn a_key_whose_holder_never_comes_back_is_handed_on() {
     let mut con = redis.con().await;
     // Key k is held by an event that is gone (trimmed from the stream, say) and was
     // expected back long ago; two events wait behind it.
-    let held = eventworker::streams::held_key("workers", "events:fast");
-    let keys = eventworker::streams::HoldKeys::new("workers", "events:fast", "k");
+    let sk = eventworker::streams::StreamKeys::new(eventworker::streams::Layout::Single, "workers", "events:fast");
+    let (held, keys) = (sk.held.clone(), sk.hold("k"));
     let _: () = redis::cmd("HSET").arg(&held).arg("k").arg("gone 1 1000").query_async(&mut con).await.unwrap();
     for (i, id) in ["w1", "w2"].iter().enumerate() {
         let m = json!({"id": id, "type": "t", "orderingKey": "k"}).to_string();

@@ -105,6 +105,22 @@ impl RedisCluster {
         panic!("no master serves slot {slot}:\n{nodes}")
     }
 
+    /// Waits until every replica of the master on `port` has what the master has
+    /// (replication is asynchronous: a master killed before that takes its last writes along).
+    pub fn wait_replicated(&self, port: u16) {
+        wait_for(&format!("replicas of {port} caught up"), || {
+            let Some(info) = cli(port, &["INFO", "replication"]) else { return false };
+            let offset = info.lines().find_map(|l| l.strip_prefix("master_repl_offset:")).map(str::trim);
+            let replicas: Vec<&str> =
+                info.lines().filter(|l| l.starts_with("slave") && l.contains("offset=")).collect();
+            !replicas.is_empty()
+                && replicas.iter().all(|r| {
+                    r.split(',').find_map(|f| f.strip_prefix("offset=")).map(str::trim) == offset
+                        && r.contains("state=online")
+                })
+        });
+    }
+
     /// `kill -9` one node.
     pub fn kill(&mut self, port: u16) {
         let n = self.nodes.iter_mut().find(|n| n.port == port).expect("a node of this cluster");
