@@ -14,11 +14,13 @@
 //! - **oldest**: the entry ID of the oldest entry in the backlog; its age is the time since
 //!   Redis accepted it (IDs from `XADD *`).
 //!
-//! Retries scheduled for later (`events:retry`) are *not* backlog: they wait by design and
+//! Retries scheduled for later ([`layout`]: `events:retry`, per stream in a cluster) are *not* backlog: they wait by design and
 //! more pods would not deliver them sooner. When due they are added to their stream again
 //! and count from then on. The same goes for events held behind an earlier event of their
 //! ordering key (they wait for that retry). Acknowledged entries that stay in the stream
 //! (`DELETE_ON_ACK=false`) are not backlog either.
+
+pub mod layout;
 
 use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script, Value};
@@ -118,14 +120,6 @@ async fn read_capped<C: ConnectionLike>(con: &mut C, key: &str, group: &str, cap
         oldest_undelivered_id: id(7),
     })
 }
-
-/// Retries scheduled for later, all streams (`ZCARD events:retry:delays`).
-pub async fn scheduled<C: ConnectionLike>(con: &mut C) -> RedisResult<i64> {
-    redis::cmd("ZCARD").arg(SCHEDULED_KEY).query_async(con).await
-}
-
-/// The retry schedule's sorted set (score: due time).
-pub const SCHEDULED_KEY: &str = "events:retry:delays";
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 
+use super::layout::{scheduled, Layout, RETRY_DELAYS};
 use super::*;
 
 struct Redis {
@@ -173,16 +174,22 @@ async fn scheduled_retries_are_reported_apart_and_count_again_when_due() {
     create(&mut con, "events:default", "g", "0").await;
     let got = take(&mut con, "events:default", "g", 3).await;
     let retry_id: String = con.xadd("events:retry", "*", &[("stream", "events:default")]).await.unwrap();
-    let _: i64 = con.zadd(SCHEDULED_KEY, &retry_id, 9_999_999_999.0).await.unwrap();
+    let _: i64 = con.zadd(RETRY_DELAYS, &retry_id, 9_999_999_999.0).await.unwrap();
     ack_del(&mut con, "events:default", "g", &got[..1]).await;
     ack_del(&mut con, "events:default", "g", &got[1..]).await;
     let b = read(&mut con, "events:default", "g").await.unwrap();
-    assert_eq!((b.total(), scheduled(&mut con).await.unwrap()), (0, 1));
+    assert_eq!((b.total(), scheduled(&mut con, Layout::Single, &[]).await.unwrap()), (0, 1));
     // Due: moved back.
-    let _: i64 = con.zrem(SCHEDULED_KEY, &retry_id).await.unwrap();
+    let _: i64 = con.zrem(RETRY_DELAYS, &retry_id).await.unwrap();
     add(&mut con, "events:default", 1).await;
     let b = read(&mut con, "events:default", "g").await.unwrap();
-    assert_eq!((b.undelivered, b.total(), scheduled(&mut con).await.unwrap()), (1, 1, 0));
+    assert_eq!((b.undelivered, b.total(), scheduled(&mut con, Layout::Single, &[]).await.unwrap()), (1, 1, 0));
+    // In a cluster each stream has its own schedule, and the original's is still counted.
+    let streams = ["events:default".to_string(), "events:fast".to_string()];
+    let _: i64 = con.zadd("{events:fast}:retry:delays", "1-0", 9_999_999_999.0).await.unwrap();
+    let _: i64 = con.zadd(RETRY_DELAYS, "2-0", 9_999_999_999.0).await.unwrap();
+    assert_eq!(scheduled(&mut con, Layout::Cluster, &streams).await.unwrap(), 2);
+    assert_eq!(scheduled(&mut con, Layout::Single, &streams).await.unwrap(), 1);
 }
 
 #[tokio::test]

@@ -221,12 +221,16 @@ impl StreamSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
     validation = Rule::new("has(self.url) != has(self.host)").message("redis: set exactly one of url and host"),
-    validation = Rule::new("!has(self.url) || self.url.startsWith('redis://') || self.url.startsWith('rediss://')")
-        .message("redis.url must start with redis:// or rediss://")
+    validation = Rule::new("!has(self.url) || self.url.startsWith('redis://') || self.url.startsWith('rediss://') || self.url.startsWith('redis+cluster://') || self.url.startsWith('rediss+cluster://')")
+        .message("redis.url must start with redis://, rediss://, redis+cluster:// or rediss+cluster://"),
+    validation = Rule::new("!has(self.url) || !((has(self.cluster) && self.cluster) || self.url.contains('+cluster://')) || !self.url.matches('^[a-z+]+://[^/]*/0*[1-9]')")
+        .message("redis: a Redis Cluster has database 0 only; remove the database number from redis.url")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
-    /// `redis://host:port/db` or `rediss://` for TLS, without the password.
+    /// `redis://host:port/db` or `rediss://` for TLS, without the password; for a Redis
+    /// Cluster `redis+cluster://host:port,host:port` (seed nodes), or a seed's URL with
+    /// `cluster: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     pub url: Option<String>,
@@ -239,6 +243,10 @@ pub struct RedisSpec {
     /// Connect with TLS (when `host` is used).
     #[serde(default)]
     pub tls: bool,
+    /// A Redis Cluster: `url` or `host` is a seed node. The worker keeps each stream's own
+    /// keys in the stream's hash slot (see the README's "Redis Cluster").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
     /// Secret key holding the Redis password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,

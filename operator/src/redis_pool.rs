@@ -1,4 +1,5 @@
-//! The operator's Redis connections: one multiplexed connection per Redis (URL), reused
+//! The operator's Redis connections: one multiplexed connection per Redis (URL; a Redis
+//! Cluster's `redis+cluster://` URL gets a slot-routed cluster connection), reused
 //! across reconciles, bounded in number, with connect and response timeouts; and errors
 //! worded for a status (host and port, never credentials, never the server's free text).
 
@@ -6,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use redis::AsyncConnectionConfig;
 use tokio::time::Instant;
 
@@ -19,7 +21,42 @@ const IDLE: Duration = Duration::from_secs(600);
 
 pub struct RedisPool {
     timeout: Duration,
-    conns: Mutex<HashMap<String, (MultiplexedConnection, Instant)>>,
+    conns: Mutex<HashMap<String, (Con, Instant)>>,
+}
+
+/// One Redis server's connection, or a cluster's.
+#[derive(Clone)]
+enum Con {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Con {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Con::Single(c) => c.req_packed_command(cmd),
+            Con::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Con::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Con::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Con::Single(c) => c.get_db(),
+            Con::Cluster(_) => 0,
+        }
+    }
 }
 
 impl RedisPool {
@@ -37,7 +74,7 @@ impl RedisPool {
     }
 
     /// The pooled connection to `url` (reused: true), or a new one.
-    async fn connection(&self, url: &str) -> Result<(MultiplexedConnection, bool), String> {
+    async fn connection(&self, url: &str) -> Result<(Con, bool), String> {
         let now = Instant::now();
         {
             let mut conns = crate::lock(&self.conns);
@@ -47,11 +84,30 @@ impl RedisPool {
                 return Ok((con.clone(), true));
             }
         }
-        let client = redis::Client::open(url).map_err(|e| describe(url, &e))?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let con = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| describe(url, &e))?;
+        let con = match backlog::layout::cluster_seeds(url) {
+            Some(seeds) => Con::Cluster(
+                redis::cluster::ClusterClient::builder(seeds)
+                    .connection_timeout(self.timeout)
+                    .response_timeout(self.timeout)
+                    .build()
+                    .map_err(|e| describe(url, &e))?
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| describe(url, &e))?,
+            ),
+            None => {
+                let client = redis::Client::open(url).map_err(|e| describe(url, &e))?;
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout));
+                Con::Single(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map_err(|e| describe(url, &e))?,
+                )
+            }
+        };
         let mut conns = crate::lock(&self.conns);
         if conns.len() >= MAX_CONNECTIONS {
             if let Some(oldest) = conns.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) {
@@ -99,16 +155,13 @@ impl RedisPool {
     }
 }
 
-async fn read(
-    con: &mut MultiplexedConnection,
-    url: &str,
-    streams: &[String],
-    group: &str,
-) -> Result<(Vec<StreamStatus>, i64), String> {
+async fn read(con: &mut Con, url: &str, streams: &[String], group: &str) -> Result<(Vec<StreamStatus>, i64), String> {
     let now = backlog::now_unix_ms();
     let mut out = Vec::new();
+    let mut keys = Vec::new();
     for s in streams {
         let key = format!("events:{s}");
+        keys.push(key.clone());
         let b = backlog::read(con, &key, group).await.map_err(|e| describe(url, &e))?;
         out.push(StreamStatus {
             length: b.length,
@@ -121,7 +174,11 @@ async fn read(
             name: key,
         });
     }
-    let scheduled = backlog::scheduled(con).await.map_err(|e| describe(url, &e))?;
+    let layout = match con {
+        Con::Single(_) => backlog::layout::Layout::Single,
+        Con::Cluster(_) => backlog::layout::Layout::Cluster,
+    };
+    let scheduled = backlog::layout::scheduled(con, layout, &keys).await.map_err(|e| describe(url, &e))?;
     Ok((out, scheduled))
 }
 
@@ -178,6 +235,7 @@ mod tests {
         assert_eq!(address("rediss://user:p%40ss@10.0.0.1:6379"), "10.0.0.1:6379");
         assert_eq!(address("redis://redis:6379?protocol=resp3"), "redis:6379");
         assert_eq!(address("redis://"), "(no host)");
+        assert_eq!(address("redis+cluster://:pw@a:7000,b:7001"), "a:7000,b:7001");
     }
 
     #[tokio::test]

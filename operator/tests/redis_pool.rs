@@ -41,3 +41,31 @@ async fn a_dead_pooled_connection_is_replaced_within_the_same_read() {
     redis.restart();
     pool.read_backlog(&url, &["fast".into()], "g").await.expect("replaced at once, not reported unreachable");
 }
+
+/// A Redis Cluster (`redis+cluster://` seeds): each stream's backlog read on its own master,
+/// scheduled retries summed over the streams' own schedules and the original's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_is_read_stream_by_stream() {
+    let cluster = common::cluster::RedisCluster::start();
+    let url = cluster.url();
+    let seeds = backlog::layout::cluster_seeds(&url).unwrap();
+    let mut con = redis::cluster::ClusterClient::new(seeds).unwrap().get_async_connection().await.unwrap();
+    let streams = ["critical".to_string(), "fast".to_string(), "slow".to_string()];
+    for (i, s) in streams.iter().enumerate() {
+        let evs: Vec<_> = (0..=i).map(|n| (common::meta(n, "t"), b"x".to_vec())).collect();
+        common::produce(&mut con, &format!("events:{s}"), &evs).await;
+    }
+    for key in ["{events:fast}:retry:delays", "events:retry:delays"] {
+        let _: i64 = redis::cmd("ZADD").arg(key).arg(1e10).arg("1-0").query_async(&mut con).await.unwrap();
+    }
+    let pool = RedisPool::new(Duration::from_secs(2));
+    let (read, scheduled) = pool.read_backlog(&url, &streams, "orders").await.expect("the cluster answers");
+    let backlog: Vec<(String, i64)> = read.iter().map(|s| (s.name.clone(), s.backlog)).collect();
+    assert_eq!(
+        backlog,
+        [("events:critical".into(), 1), ("events:fast".into(), 2), ("events:slow".into(), 3)],
+        "streams on different masters, one connection"
+    );
+    assert_eq!(scheduled, 2);
+    assert_eq!(pool.len(), 1);
+}

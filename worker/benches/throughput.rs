@@ -128,6 +128,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The Redis a set of rounds runs against: its URL and its processes (for their CPU).
+struct Target {
+    url: String,
+    pids: Vec<u32>,
+}
+
 struct Rounds {
     rate: f64,
     raw: Option<f64>,
@@ -137,9 +143,9 @@ struct Rounds {
 
 /// Backlog rounds: fill, drain with a fresh worker, measure; medians over the rounds.
 #[allow(clippy::too_many_arguments)]
-async fn run_rounds(
-    redis: &RedisServer,
-    con: &mut redis::aio::MultiplexedConnection,
+async fn run_rounds<C: redis::aio::ConnectionLike>(
+    redis: &Target,
+    con: &mut C,
     log: &Log,
     port: u16,
     sink_url: &str,
@@ -160,9 +166,10 @@ async fn run_rounds(
             produce(con, &format!("events:{s}"), &events(i as u64 * per, per)).await;
         }
         let filled = per * STREAMS.len() as u64;
-        let mut w = Worker::start(redis, sink_url, env);
-        let (pid, redis_pid) = (w.child.id(), redis.pid());
-        let (cw, cr, cb) = (cpu_seconds(pid), cpu_seconds(redis_pid), cpu_seconds(std::process::id()));
+        let mut w = Worker::start_at(&redis.url, sink_url, env);
+        let pid = w.child.id();
+        let redis_cpu = || redis.pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+        let (cw, cr, cb) = (cpu_seconds(pid), redis_cpu(), cpu_seconds(std::process::id()));
         wait_until("backlog delivered", Duration::from_secs(600), || async {
             log.0.lock().unwrap().len() as u64 >= filled
         })
@@ -173,8 +180,7 @@ async fn run_rounds(
         };
         let drain = filled as f64 / (last - first);
         let us = |c: f64| c * 1e6 / filled as f64;
-        let cpu =
-            (us(cpu_seconds(pid) - cw), us(cpu_seconds(redis_pid) - cr), us(cpu_seconds(std::process::id()) - cb));
+        let cpu = (us(cpu_seconds(pid) - cw), us(redis_cpu() - cr), us(cpu_seconds(std::process::id()) - cb));
         let rss = peak_rss_mb(pid);
         let deferred = w.metric_sum("events_deferred_total").await;
         println!(
@@ -227,13 +233,23 @@ async fn main() {
     let mut traced_env = env.clone();
     traced_env.extend([("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()), ("OTEL_BSP_MAX_QUEUE_SIZE", "262144")]);
     let mut results = vec![];
+    let single = Target { url: redis.url(), pids: vec![redis.pid()] };
     for (label, e) in [
         ("default host cap (32)", &env),
         ("host cap raised to 256, fixed", &raised_env),
         ("default host cap, tracing on (every event's span exported over OTLP)", &traced_env),
     ] {
         println!("{label}:");
-        results.push((label, run_rounds(&redis, &mut con, &log, port, &sink_url, e, total, rounds).await));
+        results.push((label, run_rounds(&single, &mut con, &log, port, &sink_url, e, total, rounds).await));
+    }
+    // The same rounds against a Redis Cluster on this machine: 3 masters with a replica each.
+    {
+        let label = "default host cap, Redis Cluster (3 masters + 3 replicas, same machine)";
+        println!("{label}:");
+        let cluster = common::cluster::RedisCluster::start();
+        let target = Target { url: cluster.url(), pids: cluster.pids() };
+        let mut ccon = eventworker::streams::connect(&target.url, Duration::from_secs(5)).await.expect("cluster");
+        results.push((label, run_rounds(&target, &mut ccon, &log, port, &sink_url, &env, total, rounds).await));
     }
     let (off, on) = (&results[0].1, &results[2].1);
 

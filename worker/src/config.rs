@@ -52,7 +52,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "eventworker", version, about, long_about = None)]
 pub struct Args {
-    /// Redis URL (redis:// or rediss:// for TLS); overrides REDIS_HOST / REDIS_PORT / REDIS_HOST_PORT.
+    /// Redis URL (redis:// or rediss:// for TLS; redis+cluster://host:port,host:port for a Redis
+    /// Cluster's seed nodes); overrides REDIS_HOST / REDIS_PORT / REDIS_HOST_PORT.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Redis host.
@@ -67,6 +68,9 @@ pub struct Args {
     /// Redis password.
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// Redis Cluster: the Redis address is a seed node of a cluster (as a redis+cluster:// URL).
+    #[arg(long, env = "REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub redis_cluster: bool,
 
     /// Consumer group shared by all workers.
     #[arg(long, env = "GROUP", default_value = "workers")]
@@ -318,7 +322,8 @@ pub struct Config {
     pub ordering_lease: Duration,
     pub log_format: LogFormat,
     pub otlp_endpoint: Option<String>,
-    /// How the worker names its own keys (single Redis; cluster mode is not offered yet).
+    /// How the worker names its own keys: the original's (one Redis) or per stream slot (a
+    /// Redis Cluster, from a redis+cluster:// URL or REDIS_CLUSTER).
     pub layout: crate::streams::Layout,
     pub worker_threads: Option<usize>,
     pub admin_token: Option<String>,
@@ -371,6 +376,20 @@ impl Config {
         if a.group.trim().is_empty() {
             return Err(bad("GROUP", "must not be empty"));
         }
+        let layout = match crate::streams::cluster_seeds(&redis_url) {
+            None => crate::streams::Layout::Single,
+            Some(_) => {
+                if a.group.contains(['{', '}']) {
+                    return Err(bad("GROUP", "must not contain { or } in a Redis Cluster (they would choose the hash slot of the worker's keys)"));
+                }
+                for s in &streams {
+                    if crate::streams::Layout::Cluster.tag(&stream_key(s)).is_none() {
+                        return Err(bad("STREAMS", format!("{s:?}: in a Redis Cluster the worker's keys for a stream must share its hash slot, and no hash tag can follow a key whose {{...}} part holds a }}; rename the stream")));
+                    }
+                }
+                crate::streams::Layout::Cluster
+            }
+        };
         if !a.default_worker_uri.starts_with("http://") && !a.default_worker_uri.starts_with("https://") {
             return Err(bad("DEFAULT_WORKER_URI", format!("{:?} is not an http(s) URL", a.default_worker_uri)));
         }
@@ -472,7 +491,7 @@ impl Config {
             ordering_lease,
             log_format: a.log_format,
             otlp_endpoint: a.otel_exporter_otlp_endpoint,
-            layout: crate::streams::Layout::Single,
+            layout,
             admin_token: a.admin_token.filter(|t| !t.is_empty()),
             outbox_audit_after: seconds("OUTBOX_AUDIT_AFTER", a.outbox_audit_after)?,
             targets,
@@ -499,6 +518,24 @@ impl Config {
 
     pub fn consumer(&self, stream: &str) -> String {
         format!("{}-{}-{}", self.consumer_prefix, stream, self.consumer_name)
+    }
+
+    /// The worker's keys for stream `name` (without the prefix).
+    pub fn stream_keys(&self, name: &str) -> crate::streams::StreamKeys {
+        crate::streams::StreamKeys::new(self.layout, &self.group, &stream_key(name))
+    }
+
+    /// The stream keys, in priority order.
+    pub fn stream_keys_all(&self) -> Vec<String> {
+        self.streams.iter().map(|s| stream_key(s)).collect()
+    }
+
+    /// Where delivered outbox rows wait for their delete: one set (single layout) or one per
+    /// stream (cluster).
+    pub fn cleanup_sets(&self) -> Vec<String> {
+        let mut sets: Vec<String> = self.streams.iter().map(|s| self.stream_keys(s).cleanup).collect();
+        sets.dedup();
+        sets
     }
 }
 
@@ -647,14 +684,77 @@ fn seconds(var: &'static str, v: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// The Redis URL: one server's (`redis://`, `rediss://`) or a cluster's seed nodes
+/// (`redis+cluster://`, `rediss+cluster://`; also from a one-server address and
+/// REDIS_CLUSTER=true).
 fn redis_url(a: &Args) -> Result<String> {
+    let pw = a.redis_password.as_deref().filter(|p| !p.is_empty());
+    if let Some(url) = a.redis_url.as_deref().filter(|s| !s.is_empty()) {
+        if let Some(seeds) = crate::streams::cluster_seeds(url) {
+            return cluster_url(url, &seeds, pw);
+        }
+    }
+    let url = single_url(a, pw)?;
+    if !a.redis_cluster {
+        return Ok(url);
+    }
+    let u = reqwest::Url::parse(&url).map_err(|e| bad("REDIS_URL", e.to_string()))?;
+    let var = if a.redis_url.as_deref().is_some_and(|s| !s.is_empty()) { "REDIS_URL" } else { "REDIS_CLUSTER" };
+    if !matches!(u.path(), "" | "/" | "/0") {
+        return Err(bad(var, "a Redis Cluster has database 0 only; remove the database number"));
+    }
+    let auth = match (u.username(), u.password()) {
+        ("", None) => String::new(),
+        (user, None) => format!("{user}@"),
+        (user, Some(p)) => format!("{user}:{p}@"),
+    };
+    let host = u.host_str().unwrap_or("localhost");
+    Ok(format!("{}+cluster://{auth}{host}:{}", u.scheme(), u.port().unwrap_or(6379)))
+}
+
+/// A `redis+cluster://` URL checked seed by seed, with REDIS_PASSWORD joined when it carries
+/// no password.
+fn cluster_url(url: &str, seeds: &[String], pw: Option<&str>) -> Result<String> {
+    if seeds.is_empty() {
+        return Err(bad("REDIS_URL", "names no seed node (redis+cluster://host:port,host:port,...)"));
+    }
+    let mut first = None;
+    for seed in seeds {
+        let u =
+            reqwest::Url::parse(seed).map_err(|e| bad("REDIS_URL", format!("seed {}: {e}", crate::redact(seed))))?;
+        if u.host_str().is_none_or(str::is_empty) {
+            return Err(bad("REDIS_URL", format!("seed {} has no host", crate::redact(seed))));
+        }
+        if !matches!(u.path(), "" | "/" | "/0") {
+            return Err(bad("REDIS_URL", "a Redis Cluster has database 0 only; remove the database number"));
+        }
+        first.get_or_insert(u);
+    }
+    let first = first.expect("at least one seed");
+    match pw {
+        Some(pw) if first.password().is_none() => {
+            let (scheme, rest) = url.split_once("://").expect("a cluster URL");
+            let hosts = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+            Ok(format!("{scheme}://{}:{}@{hosts}", first.username(), percent_encode(pw)))
+        }
+        _ => Ok(url.to_string()),
+    }
+}
+
+fn single_url(a: &Args, pw: Option<&str>) -> Result<String> {
     if let Some(url) = a.redis_url.as_deref().filter(|s| !s.is_empty()) {
         let parsed = reqwest::Url::parse(url).map_err(|e| bad("REDIS_URL", format!("{e}")))?;
         if !matches!(parsed.scheme(), "redis" | "rediss") {
-            return Err(bad("REDIS_URL", format!("scheme must be redis:// or rediss://, got {}://", parsed.scheme())));
+            return Err(bad(
+                "REDIS_URL",
+                format!(
+                    "scheme must be redis://, rediss://, redis+cluster:// or rediss+cluster://, got {}://",
+                    parsed.scheme()
+                ),
+            ));
         }
         // A password kept in a Secret (REDIS_PASSWORD) joins a URL that carries none.
-        if let Some(pw) = a.redis_password.as_deref().filter(|p| !p.is_empty() && parsed.password().is_none()) {
+        if let Some(pw) = pw.filter(|_| parsed.password().is_none()) {
             let mut with = parsed.clone();
             with.set_password(Some(&percent_encode(pw))).map_err(|_| bad("REDIS_URL", "cannot carry a password"))?;
             return Ok(with.to_string());
@@ -673,7 +773,7 @@ fn redis_url(a: &Args) -> Result<String> {
     if host.is_empty() {
         return Err(bad("REDIS_HOST", "must not be empty"));
     }
-    let auth = match a.redis_password.as_deref().filter(|s| !s.is_empty()) {
+    let auth = match pw {
         Some(p) => format!(":{}@", percent_encode(p)),
         None => String::new(),
     };
@@ -771,6 +871,39 @@ pub(crate) mod tests {
         assert_eq!(c.redis_url, "redis://:s%2Fcret@r:6379");
         let c = parse(&["--redis-url", "redis://:own@r:6379", "--redis-password", "other"]).unwrap();
         assert_eq!(c.redis_url, "redis://:own@r:6379");
+        assert_eq!(c.layout, crate::streams::Layout::Single);
+    }
+
+    #[test]
+    fn cluster_addresses() {
+        let c = parse(&["--redis-url", "redis+cluster://a:7000,b:7001", "--redis-password", "p w"]).unwrap();
+        assert_eq!(c.redis_url, "redis+cluster://:p%20w@a:7000,b:7001");
+        assert_eq!(c.layout, crate::streams::Layout::Cluster);
+        let c = parse(&["--redis-url", "rediss+cluster://u:own@a:7000", "--redis-password", "other"]).unwrap();
+        assert_eq!(c.redis_url, "rediss+cluster://u:own@a:7000");
+        let c = parse(&["--redis-host-port", "redis.svc:7000", "--redis-cluster", "true", "--redis-password", "x"])
+            .unwrap();
+        assert_eq!(
+            (c.redis_url.as_str(), c.layout),
+            ("redis+cluster://:x@redis.svc:7000", crate::streams::Layout::Cluster)
+        );
+        let c = parse(&["--redis-url", "rediss://r:6380/0", "--redis-cluster", "true"]).unwrap();
+        assert_eq!(c.redis_url, "rediss+cluster://r:6380");
+        let refused: &[(&[&str], &str)] = &[
+            (&["--redis-url", "redis+cluster://"], "REDIS_URL"),
+            (&["--redis-url", "redis+cluster://a:7000/3"], "REDIS_URL"),
+            (&["--redis-url", "redis+cluster://a:notaport"], "REDIS_URL"),
+            (&["--redis-url", "redis://r:6379/2", "--redis-cluster", "true"], "REDIS_URL"),
+            (&["--redis-url", "redis+cluster://a:7000", "--group", "g{1}"], "GROUP"),
+            (&["--redis-url", "redis+cluster://a:7000", "--streams", "fast,a}b"], "STREAMS"),
+        ];
+        for (args, var) in refused {
+            let err = parse(args).expect_err(var).to_string();
+            assert!(err.contains(var), "{args:?}: {err}");
+        }
+        // Braces in a stream name are fine where a tag can follow them.
+        let c = parse(&["--redis-url", "redis+cluster://a:7000", "--streams", "{orders}:eu,fast"]).unwrap();
+        assert_eq!(c.streams.len(), 2);
     }
 
     #[test]

@@ -229,7 +229,7 @@ pub async fn run_stream(w: Arc<Worker>, name: String) {
 
 async fn ack_loop(w: Arc<Worker>, key: String, mut rx: mpsc::Receiver<Ack>, acking: Arc<Mutex<HashSet<String>>>) {
     let mut batch = Vec::with_capacity(ACK_BATCH);
-    let set = crate::dlq::outbox::cleanup_key(&w.cfg.group);
+    let set = crate::streams::StreamKeys::new(w.cfg.layout, &w.cfg.group, &key).cleanup;
     while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
         let ids: Vec<String> = batch.iter().map(|a| a.id.clone()).collect();
         let counters: Vec<String> = batch.iter().filter_map(|a| a.counter.clone()).collect();

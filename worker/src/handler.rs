@@ -371,7 +371,6 @@ impl Stream {
     pub(crate) async fn hand_on(&self, key: &str, finished: Option<(&str, &str)>, token: &str, cleanup: Option<&str>) {
         let w = &self.w;
         let keys = self.keys.hold(key);
-        let set = crate::dlq::outbox::cleanup_key(&w.cfg.group);
         let next = new_token();
         let req = ReleaseReq {
             stream_key: &self.key,
@@ -384,7 +383,7 @@ impl Stream {
             next_token: &next,
             batch: RELEASE_BATCH,
             expect_by_ms: self.expect_by_ms(Duration::ZERO),
-            cleanup: cleanup.map(|row| (set.as_str(), row)),
+            cleanup: cleanup.map(|row| (self.keys.cleanup.as_str(), row)),
         };
         let req = &req;
         let released =

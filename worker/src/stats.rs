@@ -58,7 +58,7 @@ async fn refresh(w: &Worker) {
             }
         }
     }
-    match streams::scheduled_count(&mut con).await {
+    match streams::scheduled_count(&mut con, w.cfg.layout, &w.cfg.stream_keys_all()).await {
         Ok(n) => w.metrics.scheduled_retries.set(n),
         Err(_) => ok = false,
     }

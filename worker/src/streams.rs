@@ -12,8 +12,7 @@ use redis::{Client, RedisError, Script, Value};
 use crate::event::RawEntry;
 use crate::Result;
 
-pub const RETRY_STREAM: &str = "events:retry";
-pub const RETRY_DELAYS: &str = "events:retry:delays";
+pub use backlog::layout::{cluster_seeds, Layout, RETRY_DELAYS, RETRY_STREAM};
 
 /// Reconnects with backoff; `response_timeout` must exceed any BLOCK used on the connection.
 fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
@@ -54,6 +53,16 @@ impl LazyCluster {
     }
 }
 
+impl Conn {
+    /// How keys must be laid out on this connection's Redis.
+    pub fn layout(&self) -> Layout {
+        match self {
+            Conn::Single(_) => Layout::Single,
+            Conn::Cluster(_) => Layout::Cluster,
+        }
+    }
+}
+
 impl redis::aio::ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
@@ -82,23 +91,6 @@ impl redis::aio::ConnectionLike for Conn {
             Conn::Cluster(_) => 0,
         }
     }
-}
-
-/// The seed nodes of a cluster URL, `redis+cluster://[user:password@]host:port[,host:port...]`
-/// (`rediss+cluster://` for TLS), as one `redis://` URL each; None for any other URL.
-pub fn cluster_seeds(url: &str) -> Option<Vec<String>> {
-    let (scheme, rest) = url.split_once("://")?;
-    let scheme = match scheme {
-        "redis+cluster" => "redis",
-        "rediss+cluster" => "rediss",
-        _ => return None,
-    };
-    let rest = rest.trim_end_matches('/');
-    let (auth, hosts) = match rest.rsplit_once('@') {
-        Some((a, h)) => (format!("{a}@"), h),
-        None => (String::new(), rest),
-    };
-    Some(hosts.split(',').filter(|h| !h.trim().is_empty()).map(|h| format!("{scheme}://{auth}{}", h.trim())).collect())
 }
 
 fn cluster_client(seeds: Vec<String>, response_timeout: Duration) -> Result<redis::cluster::ClusterClient> {
@@ -188,6 +180,12 @@ pub async fn read_group(
     Ok(out)
 }
 
+/// XRANGE from `start` (inclusive), at most `count` entries.
+pub async fn read_range(con: &mut Conn, key: &str, start: &str, count: usize) -> Result<Vec<RawEntry>> {
+    let v: Value = redis::cmd("XRANGE").arg(key).arg(start).arg("+").arg("COUNT").arg(count).query_async(con).await?;
+    Ok(parse_entries(v))
+}
+
 /// XAUTOCLAIM: take over entries idle longer than `min_idle` in any consumer's pending list.
 /// Returns the next cursor and the claimed entries (deleted ones are dropped by Redis).
 pub async fn autoclaim(
@@ -258,10 +256,9 @@ pub async fn ack(
     Ok(())
 }
 
-/// The failed-attempt counter of event `id` in `stream_key` (single layout; a stream's own
-/// are `StreamKeys::counter`).
-pub fn counter_key(stream_key: &str, id: &str) -> String {
-    StreamKeys::new(Layout::Single, "", stream_key).counter(id)
+/// The failed-attempt counter of event `id` in `stream_key`.
+pub fn counter_key(layout: Layout, stream_key: &str, id: &str) -> String {
+    StreamKeys::new(layout, "", stream_key).counter(id)
 }
 
 /// INCR the attempt counter and refresh its TTL; returns the failures recorded so far.
@@ -397,7 +394,9 @@ return 1
 "#;
 
 /// Move due retries back to their streams, atomically per call. Entries whose `stream`
-/// field is missing go to the fallback stream rather than being dropped.
+/// field is missing go to the fallback stream rather than being dropped. With KEYS[3] (a
+/// stream's own schedule, cluster layout) every entry goes back to KEYS[3], a declared key
+/// of the same slot; the global schedule names its targets in the entries.
 const MOVE_DUE_LUA: &str = r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local moved = 0
@@ -414,6 +413,7 @@ for _, rid in ipairs(ids) do
     end
     if target == nil or target == '' then target = ARGV[4] end
     if string.sub(target, 1, #ARGV[3]) ~= ARGV[3] then target = ARGV[3] .. target end
+    if KEYS[3] then target = KEYS[3] end
     if #args == 0 then args = {'meta', '{}'} end
     -- A target that cannot take it (wrong type) must not block every later retry: the
     -- entry goes to the fallback stream instead.
@@ -429,6 +429,18 @@ end
 return moved
 "#;
 
+/// Due entries of a schedule (KEYS[1]), at most ARGV[2], each claimed by pushing its due
+/// time to ARGV[3]: returns their ids.
+const CLAIM_DUE_LUA: &str = r#"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, rid in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], rid) end
+return ids
+"#;
+
+/// How long a worker has to move a claimed entry of the original's schedule in a cluster
+/// before another may move it again.
+pub const LEGACY_CLAIM: Duration = Duration::from_secs(60);
+
 pub struct Scripts {
     schedule: Script,
     move_due: Script,
@@ -437,6 +449,7 @@ pub struct Scripts {
     lease: Script,
     unlease: Script,
     remove_consumer: Script,
+    claim_due: Script,
 }
 
 impl Default for Scripts {
@@ -449,18 +462,9 @@ impl Default for Scripts {
             lease: Script::new(LEASE_LUA),
             unlease: Script::new(UNLEASE_LUA),
             remove_consumer: Script::new(REMOVE_CONSUMER_LUA),
+            claim_due: Script::new(CLAIM_DUE_LUA),
         }
     }
-}
-
-/// How the worker names its own keys. `Single`: the original's names (the wire contract with
-/// the Python worker and its tools). `Cluster`: every key of a stream carries the stream key
-/// as hash tag, so that it lives in the stream's slot and one script may touch them all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Layout {
-    #[default]
-    Single,
-    Cluster,
 }
 
 /// The worker's keys for one stream.
@@ -474,25 +478,30 @@ pub struct StreamKeys {
     /// Held ordering keys, and the ordering lease.
     pub held: String,
     pub lease: String,
+    /// Outbox rows whose events were delivered, waiting for their delete (`dlq/outbox.rs`).
+    pub cleanup: String,
     /// The stream key as it appears inside the other keys (`{events:fast}` in a cluster).
     tag: String,
     group: String,
 }
 
 impl StreamKeys {
+    /// In the cluster layout `stream` must have a tag (`Layout::tag`; the configuration
+    /// refuses streams without one) and `group` no braces.
     pub fn new(layout: Layout, group: &str, stream: &str) -> Self {
-        let (tag, retry, delays) = match layout {
-            Layout::Single => (stream.to_string(), RETRY_STREAM.to_string(), RETRY_DELAYS.to_string()),
-            Layout::Cluster => {
-                (format!("{{{stream}}}"), format!("{{{stream}}}:retry"), format!("{{{stream}}}:retry:delays"))
-            }
+        let tag = layout.tag(stream).unwrap_or_else(|| stream.to_string());
+        let cleanup = match layout {
+            // The original layout has one set for the group.
+            Layout::Single => format!("eventworker:outbox:{group}:delivered"),
+            Layout::Cluster => format!("eventworker:outbox:{group}:{tag}:delivered"),
         };
         Self {
             stream: stream.to_string(),
             held: format!("eventworker:held:{group}:{tag}"),
             lease: format!("eventworker:lease:{group}:{tag}"),
-            retry,
-            delays,
+            retry: layout.retry_stream(stream),
+            delays: layout.retry_delays(stream),
+            cleanup,
             tag,
             group: group.to_string(),
         }
@@ -659,7 +668,8 @@ impl Scripts {
         Ok(n == 1)
     }
 
-    /// Returns how many entries were moved.
+    /// Move due retries of the global schedule (single layout) back to the streams their
+    /// entries name. Returns how many entries were moved.
     pub async fn move_due(&self, con: &mut Conn, now_unix: f64, limit: usize, fallback: &str) -> Result<usize> {
         let n: i64 = self
             .move_due
@@ -672,6 +682,82 @@ impl Scripts {
             .invoke_async(con)
             .await?;
         Ok(n.max(0) as usize)
+    }
+
+    /// Move due retries of one stream's own schedule (cluster layout) back to the stream.
+    pub async fn move_due_own(&self, con: &mut Conn, keys: &StreamKeys, now_unix: f64, limit: usize) -> Result<usize> {
+        let n: i64 = self
+            .move_due
+            .key(&keys.retry)
+            .key(&keys.delays)
+            .key(&keys.stream)
+            .arg(format!("{now_unix:.3}"))
+            .arg(limit)
+            .arg(crate::config::STREAM_PREFIX)
+            .arg(&keys.stream)
+            .invoke_async(con)
+            .await?;
+        Ok(n.max(0) as usize)
+    }
+
+    /// Move due retries that the original worker scheduled in the global keys back to their
+    /// streams, in a cluster, where the schedule and the streams live in different slots:
+    /// not atomic, so at least once. Each due entry is first claimed for [`LEGACY_CLAIM`]
+    /// (its due time pushed back, in one step), so that workers do not move it twice; a
+    /// worker that dies after the XADD leaves it to be moved again once the claim ends.
+    pub async fn move_due_legacy(&self, con: &mut Conn, now_unix: f64, limit: usize, fallback: &str) -> Result<usize> {
+        let ids: Vec<String> = self
+            .claim_due
+            .key(RETRY_DELAYS)
+            .arg(format!("{now_unix:.3}"))
+            .arg(limit)
+            .arg(format!("{:.3}", now_unix + LEGACY_CLAIM.as_secs_f64()))
+            .invoke_async(con)
+            .await?;
+        let mut moved = 0;
+        for rid in &ids {
+            let found = read_range(con, RETRY_STREAM, rid, 1).await?;
+            if let Some(entry) = found.into_iter().find(|e| &e.id == rid) {
+                let mut target = None;
+                let mut fields: Vec<(String, Bytes)> = Vec::new();
+                for (k, v) in entry.fields.unwrap_or_default() {
+                    if k == "stream" {
+                        target = Some(String::from_utf8_lossy(&v).into_owned());
+                    } else {
+                        fields.push((k, v));
+                    }
+                }
+                // As the script does: a bare name gets the prefix, a missing one the fallback.
+                let target = match target.filter(|t| !t.is_empty()) {
+                    None => fallback.to_string(),
+                    Some(t) if t.starts_with(crate::config::STREAM_PREFIX) => t,
+                    Some(t) => crate::config::stream_key(&t),
+                };
+                if fields.is_empty() {
+                    fields.push(("meta".into(), Bytes::from_static(b"{}")));
+                }
+                let add = |key: &str| {
+                    let mut c = redis::cmd("XADD");
+                    c.arg(key).arg("*");
+                    for (k, v) in &fields {
+                        c.arg(k).arg(v.as_ref());
+                    }
+                    c
+                };
+                let added: redis::RedisResult<String> = add(&target).query_async(con).await;
+                if let Err(e) = added {
+                    // A target that cannot take it (wrong type) must not block later retries.
+                    if e.code() != Some("WRONGTYPE") {
+                        return Err(e.into());
+                    }
+                    let _: String = add(fallback).query_async(con).await?;
+                }
+                let _: i64 = redis::cmd("XDEL").arg(RETRY_STREAM).arg(rid).query_async(con).await?;
+                moved += 1;
+            }
+            let _: i64 = redis::cmd("ZREM").arg(RETRY_DELAYS).arg(rid).query_async(con).await?;
+        }
+        Ok(moved)
     }
 }
 
@@ -701,8 +787,9 @@ pub async fn consumers(con: &mut Conn, key: &str, group: &str) -> Result<Vec<Con
         .collect())
 }
 
-pub async fn scheduled_count(con: &mut Conn) -> Result<i64> {
-    Ok(redis::cmd("ZCARD").arg(RETRY_DELAYS).query_async(con).await?)
+/// Retries scheduled for later over `streams` (see `backlog::layout::scheduled`).
+pub async fn scheduled_count(con: &mut Conn, layout: Layout, streams: &[String]) -> Result<i64> {
+    Ok(backlog::layout::scheduled(con, layout, streams).await?)
 }
 
 fn pairs(v: Value) -> Vec<(String, Value)> {
@@ -796,28 +883,26 @@ mod tests {
         assert_eq!(k.counter("42"), "err_count:events:fast:42");
         let h = k.hold("user-1");
         assert_eq!(h.front, "eventworker:hold:workers:events:fast:user-1:front");
-        assert_eq!(counter_key("events:fast", "42"), k.counter("42"));
+        assert_eq!(counter_key(Layout::Single, "events:fast", "42"), k.counter("42"));
+        assert_eq!(k.cleanup, "eventworker:outbox:workers:delivered");
 
         let c = StreamKeys::new(Layout::Cluster, "workers", "events:fast");
         let h = c.hold("user-{1}");
-        let all =
-            [c.retry.clone(), c.delays.clone(), c.held.clone(), c.lease.clone(), c.counter("42"), h.front, h.back];
+        let all = [
+            c.retry.clone(),
+            c.delays.clone(),
+            c.held.clone(),
+            c.lease.clone(),
+            c.counter("42"),
+            c.cleanup.clone(),
+            h.front,
+            h.back,
+        ];
         for key in all {
             // Redis hashes the first {...} of a key: here always the stream key.
             let tag = key.split_once('{').and_then(|(_, rest)| rest.split_once('}')).map(|(t, _)| t);
             assert_eq!(tag, Some("events:fast"), "{key}");
         }
         assert_eq!(c.retry, "{events:fast}:retry");
-    }
-
-    #[test]
-    fn cluster_urls_name_their_seed_nodes() {
-        assert_eq!(
-            cluster_seeds("redis+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001/"),
-            Some(vec!["redis://:pw@10.0.0.1:7000".to_string(), "redis://:pw@10.0.0.2:7001".to_string()])
-        );
-        assert_eq!(cluster_seeds("rediss+cluster://c.example:6379"), Some(vec!["rediss://c.example:6379".to_string()]));
-        assert_eq!(cluster_seeds("redis://localhost:6379"), None);
-        assert_eq!(cluster_seeds("localhost:6379"), None);
     }
 }

@@ -91,6 +91,11 @@ pub fn worker_env(ew: &EventWorker) -> Vec<EnvVar> {
         }
         (None, None) => "redis://localhost:6379".into(),
     };
+    // A cluster is addressed by its seed nodes, as a redis+cluster:// URL.
+    let redis_url = match redis_url.split_once("://") {
+        Some((scheme @ ("redis" | "rediss"), rest)) if spec.redis.cluster => format!("{scheme}+cluster://{rest}"),
+        _ => redis_url,
+    };
     env.push(plain("REDIS_URL", redis_url));
     if let Some(r) = &spec.redis.password_secret_ref {
         env.push(secret("REDIS_PASSWORD", r));
@@ -395,6 +400,20 @@ mod tests {
 
     fn value(env: &BTreeMap<String, EnvVar>, k: &str) -> Option<String> {
         env.get(k).and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn a_cluster_is_addressed_by_its_seed_nodes() {
+        let mut s = minimal();
+        s["redis"] = json!({"host": "redis-cluster.shop", "port": 7000, "tls": true, "cluster": true});
+        let env = env_map(&deployment(&ew(s.clone()), &SecretData::new(), Some(1), &Defaults::test()));
+        assert_eq!(value(&env, "REDIS_URL").as_deref(), Some("rediss+cluster://redis-cluster.shop:7000"));
+        s["redis"] = json!({"url": "redis://a:7000", "cluster": true});
+        let env = env_map(&deployment(&ew(s.clone()), &SecretData::new(), Some(1), &Defaults::test()));
+        assert_eq!(value(&env, "REDIS_URL").as_deref(), Some("redis+cluster://a:7000"));
+        s["redis"] = json!({"url": "redis+cluster://a:7000,b:7001"});
+        let env = env_map(&deployment(&ew(s), &SecretData::new(), Some(1), &Defaults::test()));
+        assert_eq!(value(&env, "REDIS_URL").as_deref(), Some("redis+cluster://a:7000,b:7001"));
     }
 
     #[test]

@@ -10,9 +10,15 @@
 //! pods, like the built-in scaler. One more trigger on `events:retry` (whose length is the
 //! number of retries scheduled) keeps one pod while retries wait, even at
 //! `minReplicaCount: 0`: a worker must be there to put them back when due.
+//!
+//! For a Redis Cluster (`redis.cluster`, or a `redis+cluster://` URL) the triggers are
+//! `redis-cluster-streams` with the seed nodes as `addresses`, and each stream's own
+//! schedule (`{events:fast}:retry`) has a retry trigger of its own beside the original's.
 
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{json, Value};
+
+use backlog::layout::{Layout, RETRY_STREAM};
 
 use super::child_meta;
 use crate::crd::{AutoscalingMode, AutoscalingSpec, EventWorker};
@@ -36,32 +42,46 @@ fn keda(ew: &EventWorker) -> Option<&AutoscalingSpec> {
     ew.spec.autoscaling.as_ref().filter(|a| a.mode == AutoscalingMode::Keda)
 }
 
-/// `host:port`, database index and TLS, as the worker will connect.
-fn redis_address(ew: &EventWorker) -> (String, Option<String>, bool) {
-    let r = &ew.spec.redis;
-    match (&r.url, &r.host) {
-        (Some(url), _) => {
-            let tls = url.starts_with("rediss://");
-            let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-            let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
-            let (hostport, db) = match rest.split_once('/') {
-                Some((h, db)) => (h, Some(db.split('?').next().unwrap_or_default()).filter(|d| !d.is_empty())),
-                None => (rest.split('?').next().unwrap_or_default(), None),
-            };
-            let hostport = if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-                hostport.to_string()
-            } else {
-                format!("{hostport}:6379")
-            };
-            (hostport, db.map(str::to_string), tls)
-        }
-        (None, Some(host)) => (format!("{host}:{}", r.port), None, r.tls),
-        (None, None) => ("localhost:6379".into(), None, false),
+/// Where the worker connects: `host:port` (for a cluster, the seed nodes, comma-separated),
+/// database index, TLS and whether it is a cluster.
+struct Address {
+    hostports: String,
+    db: Option<String>,
+    tls: bool,
+    cluster: bool,
+}
+
+fn with_port(hostport: &str) -> String {
+    if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:6379")
     }
 }
 
-/// The retry schedule's stream (the worker's `events:retry`) and its trigger's name.
-const RETRY_STREAM: &str = "events:retry";
+fn redis_address(ew: &EventWorker) -> Address {
+    let r = &ew.spec.redis;
+    match (&r.url, &r.host) {
+        (Some(url), _) => {
+            let tls = url.starts_with("rediss://") || url.starts_with("rediss+cluster://");
+            let cluster = r.cluster || url.contains("+cluster://");
+            let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+            let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+            let (hosts, db) = match rest.split_once('/') {
+                Some((h, db)) => (h, Some(db.split('?').next().unwrap_or_default()).filter(|d| !d.is_empty())),
+                None => (rest.split('?').next().unwrap_or_default(), None),
+            };
+            let hostports = hosts.split(',').filter(|h| !h.is_empty()).map(with_port).collect::<Vec<_>>().join(",");
+            Address { hostports, db: db.map(str::to_string).filter(|_| !cluster), tls, cluster }
+        }
+        (None, Some(host)) => {
+            Address { hostports: format!("{host}:{}", r.port), db: None, tls: r.tls, cluster: r.cluster }
+        }
+        (None, None) => Address { hostports: "localhost:6379".into(), db: None, tls: false, cluster: r.cluster },
+    }
+}
+
+/// The retry schedule's trigger (`events:retry`; in a cluster, each stream's are `r<i>`).
 const RETRY_TRIGGER: &str = "retry";
 
 /// A trigger name usable in KEDA's formula (an identifier).
@@ -72,25 +92,33 @@ fn trigger_name(i: usize) -> String {
 /// None unless `autoscaling.mode: keda`.
 pub fn scaled_object(ew: &EventWorker) -> Option<DynamicObject> {
     let a = keda(ew)?;
-    let (address, db, tls) = redis_address(ew);
+    let addr = redis_address(ew);
     let auth = trigger_authentication(ew).map(|t| t.metadata.name.unwrap_or_default());
+    let layout = if addr.cluster { Layout::Cluster } else { Layout::Single };
     let keys = ew.spec.streams.iter().enumerate().map(|(i, s)| (trigger_name(i), format!("events:{}", s.name)));
-    let keys = keys.chain([(RETRY_TRIGGER.to_string(), RETRY_STREAM.to_string())]);
+    let mut retries = vec![(RETRY_TRIGGER.to_string(), RETRY_STREAM.to_string())];
+    if addr.cluster {
+        let own = ew.spec.streams.iter().enumerate();
+        retries.extend(own.map(|(i, s)| (format!("r{i}"), layout.retry_stream(&format!("events:{}", s.name)))));
+    }
+    let retry_sum = retries.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" + ");
     let triggers: Vec<Value> = keys
+        .chain(retries.clone())
         .map(|(name, stream)| {
             let mut metadata = json!({
-                "address": address,
                 "stream": stream,
                 "streamLength": a.target_lag_per_replica.to_string(),
                 "activationLagCount": "0",
             });
-            if let Some(db) = &db {
+            metadata[if addr.cluster { "addresses" } else { "address" }] = json!(addr.hostports);
+            if let Some(db) = &addr.db {
                 metadata["databaseIndex"] = json!(db);
             }
-            if tls {
+            if addr.tls {
                 metadata["enableTLS"] = json!("true");
             }
-            let mut t = json!({"type": "redis-streams", "name": name, "metadata": metadata});
+            let kind = if addr.cluster { "redis-cluster-streams" } else { "redis-streams" };
+            let mut t = json!({"type": kind, "name": name, "metadata": metadata});
             if let Some(name) = &auth {
                 t["authenticationRef"] = json!({"name": name});
             }
@@ -108,7 +136,7 @@ pub fn scaled_object(ew: &EventWorker) -> Option<DynamicObject> {
         })
         .collect::<Vec<_>>()
         .join(" + ");
-    let formula = format!("max({backlog}, min({RETRY_TRIGGER}, 1) * {})", a.target_lag_per_replica);
+    let formula = format!("max({backlog}, min({retry_sum}, 1) * {})", a.target_lag_per_replica);
     let mut advanced = json!({
         "scalingModifiers": {
             "formula": formula,
@@ -225,5 +253,29 @@ mod tests {
         assert_eq!(v["spec"]["triggers"][0]["metadata"]["enableTLS"], "true");
         assert!(v["spec"]["triggers"][0].get("authenticationRef").is_none());
         assert!(trigger_authentication(&ew(s)).is_none(), "no password, no TriggerAuthentication");
+    }
+
+    #[test]
+    fn a_cluster_gets_cluster_triggers_and_each_streams_own_schedule() {
+        let mut s = minimal();
+        s["streams"] = json!([{"name": "critical"}, {"name": "slow"}]);
+        s["redis"] = json!({"url": "rediss+cluster://a:7000,b", "passwordSecretRef": {"name": "redis", "key": "pw"}});
+        s["autoscaling"] = json!({"mode": "keda", "maxReplicas": 3, "targetLagPerReplica": 100});
+        let v = serde_json::to_value(scaled_object(&ew(s)).unwrap()).unwrap();
+        let triggers = v["spec"]["triggers"].as_array().unwrap();
+        let streams: Vec<&str> = triggers.iter().map(|t| t["metadata"]["stream"].as_str().unwrap()).collect();
+        assert_eq!(
+            streams,
+            ["events:critical", "events:slow", "events:retry", "{events:critical}:retry", "{events:slow}:retry"]
+        );
+        for t in triggers {
+            assert_eq!(t["type"], "redis-cluster-streams");
+            assert_eq!(t["metadata"]["addresses"], "a:7000,b:6379");
+            assert_eq!(t["metadata"]["enableTLS"], "true");
+            assert!(t["metadata"].get("address").is_none() && t["metadata"].get("databaseIndex").is_none());
+            assert_eq!(t["authenticationRef"]["name"], "orders-redis");
+        }
+        let formula = &v["spec"]["advanced"]["scalingModifiers"]["formula"];
+        assert_eq!(formula, "max(s0 + s1, min(retry + r0 + r1, 1) * 100)");
     }
 }

@@ -289,6 +289,13 @@ async fn invalid_eventworkers_are_rejected_with_messages() {
     let env = Env::new("cel").await;
     let ok = json!({"redis": {"host": "r"}, "target": {"uri": "http://svc/events"}});
     env.create_ew("valid", ok.clone()).await.expect("a valid EventWorker is accepted");
+    for (name, redis) in [
+        ("cluster-url", json!({"url": "rediss+cluster://a:7000,b:7000/0"})),
+        ("cluster-host", json!({"host": "redis-cluster", "cluster": true})),
+    ] {
+        let spec = json!({"redis": redis, "target": {"uri": "http://svc/events"}});
+        env.create_ew(name, spec).await.expect("a Redis Cluster's EventWorker is accepted");
+    }
     let defaults = env.ew("valid").await;
     assert_eq!(defaults.spec.replicas, 1, "schema defaults applied");
     assert_eq!(
@@ -317,6 +324,14 @@ async fn invalid_eventworkers_are_rejected_with_messages() {
             "streams[].autoscalingWeight must be greater than 0",
         ),
         (json!({"redis": {"url": "http://r"}, "target": {"uri": "http://svc"}}), "redis.url must start with redis://"),
+        (
+            json!({"redis": {"url": "redis+cluster://a:7000,b:7000/2"}, "target": {"uri": "http://svc"}}),
+            "a Redis Cluster has database 0 only",
+        ),
+        (
+            json!({"redis": {"url": "redis://r:6379/1", "cluster": true}, "target": {"uri": "http://svc"}}),
+            "a Redis Cluster has database 0 only",
+        ),
         (
             json!({"redis": {"host": "r"}, "target": {"uri": "ftp://svc"}}),
             "target.uri must start with http:// or https://",

@@ -42,11 +42,14 @@ pub async fn run(cfg: &Config, action: DlqAction) -> Result<()> {
                 // Delivered rows whose delete waits in Redis (the database was down) are not undelivered.
                 match connect(cfg).await {
                     Ok(mut con) => {
-                        let key = super::outbox::cleanup_key(&cfg.group);
+                        let sets = cfg.cleanup_sets();
                         let mut out = Vec::with_capacity(rows.len());
                         for r in rows {
-                            let waiting: bool =
-                                redis::cmd("SISMEMBER").arg(&key).arg(&r.id).query_async(&mut con).await?;
+                            let mut waiting = false;
+                            for set in &sets {
+                                waiting |=
+                                    redis::cmd("SISMEMBER").arg(set).arg(&r.id).query_async::<bool>(&mut con).await?;
+                            }
                             if !waiting {
                                 out.push(r);
                             }

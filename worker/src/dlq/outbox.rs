@@ -2,7 +2,8 @@
 //! deleted, like the original did after a 2xx.
 //!
 //! The delete is recorded in Redis in the same transaction as the entry's XACK (the set
-//! [`cleanup_key`]), and applied from there in batches by [`run`]. So a database that is
+//! `StreamKeys::cleanup`: one per group, or one per stream in a Redis Cluster, where it must
+//! share the stream's slot), and applied from there in batches by [`run`]. So a database that is
 //! down loses no clean-up and causes no re-delivery: the events are acknowledged as usual,
 //! the deletes wait in Redis (metric `outbox_cleanups_pending`, `/readyz`) and are applied
 //! once the database is back. A delete applied twice (a crash between DELETE and SREM)
@@ -28,13 +29,31 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the set is looked at without a wake-up (another worker's records).
 const IDLE_POLL: Duration = Duration::from_secs(2);
 
-/// The set of outbox rows (ids) whose events were delivered and whose delete is pending.
-pub fn cleanup_key(group: &str) -> String {
-    format!("eventworker:outbox:{group}:delivered")
+/// Rows whose events were delivered and whose delete waits, over `sets`.
+pub async fn pending(con: &mut crate::streams::Conn, sets: &[String]) -> crate::Result<i64> {
+    let mut n = 0;
+    for set in sets {
+        let m: i64 = redis::cmd("SCARD").arg(set).query_async(con).await?;
+        n += m;
+    }
+    Ok(n)
 }
 
-pub async fn pending(con: &mut crate::streams::Conn, group: &str) -> crate::Result<i64> {
-    Ok(redis::cmd("SCARD").arg(cleanup_key(group)).query_async(con).await?)
+/// Apply one batch from `set`: how many rows were taken from it.
+async fn apply_batch(w: &Worker, sql: &super::sql::SqlSink, set: &str) -> Result<usize, String> {
+    let mut con = w.redis.clone();
+    let ids: Vec<String> =
+        redis::cmd("SRANDMEMBER").arg(set).arg(BATCH).query_async(&mut con).await.map_err(|e| e.to_string())?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let deleted = match tokio::time::timeout(STATEMENT_TIMEOUT, sql.delete_delivered(&ids)).await {
+        Err(_) => return Err(format!("DELETE did not finish within {STATEMENT_TIMEOUT:?}")),
+        Ok(r) => r.map_err(|e| e.to_string())?,
+    };
+    w.metrics.outbox_rows_deleted.inc_by(deleted);
+    let _: i64 = redis::cmd("SREM").arg(set).arg(&ids).query_async(&mut con).await.map_err(|e| e.to_string())?;
+    Ok(ids.len())
 }
 
 /// Apply recorded clean-ups until `stop` (cancelled once the consumers have drained),
@@ -44,7 +63,7 @@ pub async fn run(w: Arc<Worker>, stop: tokio_util::sync::CancellationToken) {
     if !sql.may_be_outbox() {
         return;
     }
-    let key = cleanup_key(&w.cfg.group);
+    let sets = w.cfg.cleanup_sets();
     let gauge = w.metrics.outbox_cleanups_pending.clone();
     let mut failures = 0u32;
     let mut next_audit = tokio::time::Instant::now();
@@ -53,28 +72,25 @@ pub async fn run(w: Arc<Worker>, stop: tokio_util::sync::CancellationToken) {
         // Which mode, once the database has answered: a dead-letter table has nothing to clean.
         if let Ok(Shape::DeadLetter { .. }) = sql.prepare().await {
             let mut con = w.redis.clone();
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&key).query_async(&mut con).await;
+            for set in &sets {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(set).query_async(&mut con).await;
+            }
             gauge.set(0);
             return;
         }
-        let mut con = w.redis.clone();
-        let ids: redis::RedisResult<Vec<String>> =
-            redis::cmd("SRANDMEMBER").arg(&key).arg(BATCH).query_async(&mut con).await;
-        let outcome = match ids {
-            Ok(ids) if ids.is_empty() => Ok(0),
-            Ok(ids) => match tokio::time::timeout(STATEMENT_TIMEOUT, sql.delete_delivered(&ids)).await {
-                Err(_) => Err(format!("DELETE did not finish within {STATEMENT_TIMEOUT:?}")),
-                Ok(Err(e)) => Err(e.to_string()),
-                Ok(Ok(deleted)) => {
-                    w.metrics.outbox_rows_deleted.inc_by(deleted);
-                    let removed: redis::RedisResult<i64> =
-                        redis::cmd("SREM").arg(&key).arg(&ids).query_async(&mut con).await;
-                    removed.map(|_| ids.len()).map_err(|e| e.to_string())
+        // Every set in turn; a full batch from any means more may be waiting.
+        let mut outcome = Ok(0);
+        for set in &sets {
+            match apply_batch(&w, sql, set).await {
+                Ok(n) => outcome = outcome.map(|m: usize| m.max(n)),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
                 }
-            },
-            Err(e) => Err(e.to_string()),
-        };
-        if let Ok(n) = pending(&mut con, &w.cfg.group).await {
+            }
+        }
+        let mut con = w.redis.clone();
+        if let Ok(n) = pending(&mut con, &sets).await {
             gauge.set(n);
         }
         let pause = match outcome {

@@ -296,7 +296,7 @@ pub async fn replay(
             (Some(e), _) => match kept.get(e) {
                 Some(full) => {
                     let (meta, payload) = entry_for(full);
-                    let counter = crate::streams::counter_key(&target, &row.id);
+                    let counter = crate::streams::counter_key(con.layout(), &target, &row.id);
                     super::stream::take(&mut con, e, &target, &counter, &meta, &payload).await?
                 }
                 None => None,
@@ -322,14 +322,20 @@ async fn take_sql(sink: &SqlSink, con: &mut Conn, row: &DlqRow, target: &str) ->
     let taken = sink
         .take(&row.id, |full| async move {
             let (meta, payload) = entry_for(&full);
+            let layout = con.layout();
+            let counter = crate::streams::counter_key(layout, target, &full.row.id);
             let mut p = redis::pipe();
             p.atomic().cmd("XADD").arg(target).arg("*").arg("meta").arg(&meta).arg("payload").arg(payload);
-            // A replayed event starts with fresh attempts.
-            p.cmd("DEL").arg(crate::streams::counter_key(target, &full.row.id)).ignore();
-            if let Some(o) = &origin {
-                p.cmd("DEL").arg(crate::streams::counter_key(o, &full.row.id)).ignore();
+            // A replayed event starts with fresh attempts (its counter shares the target's slot).
+            p.cmd("DEL").arg(&counter).ignore();
+            let (entry,): (String,) = p.query_async(&mut *con).await?;
+            // Its counter in the stream it came from, if another: only tidiness (it expires), and
+            // in a cluster in another slot, so not part of the step above.
+            if let Some(o) = origin.as_deref().map(|o| crate::streams::counter_key(layout, o, &full.row.id)) {
+                if o != counter {
+                    let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(o).query_async(&mut *con).await;
+                }
             }
-            let (entry,): (String,) = p.query_async(con).await?;
             Ok(FullRow { meta: Some(entry), ..full })
         })
         .await?;

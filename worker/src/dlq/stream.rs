@@ -85,6 +85,18 @@ redis.call('DEL', KEYS[3])
 return redis.call('XADD', KEYS[2], '*', 'meta', ARGV[2], 'payload', ARGV[3])
 "#;
 
+/// In a cluster the letter and its target live in different slots: the letter is claimed
+/// first (for [`CLAIM`], so that concurrent replays do not both take it), then added to its
+/// target, then removed. A replay that dies between the add and the removal leaves the
+/// letter to be replayed again once the claim ends: at least once, never lost.
+const CLAIM_LUA: &str = r#"
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"#;
+
+const CLAIM: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub async fn take(
     con: &mut Conn,
     entry: &str,
@@ -93,6 +105,9 @@ pub async fn take(
     meta: &str,
     payload: &[u8],
 ) -> Result<Option<String>> {
+    if con.layout() == crate::streams::Layout::Cluster {
+        return take_across_slots(con, entry, target, counter, meta, payload).await;
+    }
     let id: Option<String> = redis::Script::new(TAKE_LUA)
         .key(DLQ_STREAM)
         .key(target)
@@ -103,6 +118,54 @@ pub async fn take(
         .invoke_async(con)
         .await?;
     Ok(id)
+}
+
+async fn take_across_slots(
+    con: &mut Conn,
+    entry: &str,
+    target: &str,
+    counter: &str,
+    meta: &str,
+    payload: &[u8],
+) -> Result<Option<String>> {
+    let tag = backlog::layout::cluster_tag(DLQ_STREAM).expect("events:dlq has a tag");
+    let claim = format!("{tag}:replaying:{entry}");
+    let claimed: i64 = redis::Script::new(CLAIM_LUA)
+        .key(DLQ_STREAM)
+        .key(&claim)
+        .arg(entry)
+        .arg(CLAIM.as_millis() as u64)
+        .invoke_async(con)
+        .await?;
+    if claimed == 0 {
+        return Ok(None);
+    }
+    let (id,): (String,) = redis::pipe()
+        .atomic()
+        .cmd("XADD")
+        .arg(target)
+        .arg("*")
+        .arg("meta")
+        .arg(meta)
+        .arg("payload")
+        .arg(payload)
+        .cmd("DEL")
+        .arg(counter)
+        .ignore()
+        .query_async(con)
+        .await?;
+    let _: () = redis::pipe()
+        .atomic()
+        .cmd("XDEL")
+        .arg(DLQ_STREAM)
+        .arg(entry)
+        .ignore()
+        .cmd("DEL")
+        .arg(&claim)
+        .ignore()
+        .query_async(con)
+        .await?;
+    Ok(Some(id))
 }
 
 /// Remove letters from the stream (after they were replayed elsewhere or purged).

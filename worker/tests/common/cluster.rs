@@ -13,6 +13,9 @@ pub struct RedisCluster {
     dir: PathBuf,
 }
 
+/// A master: port, node id, slot ranges served.
+struct Master(u16, String, Vec<(u16, u16)>);
+
 pub struct Node {
     pub port: u16,
     child: Option<Child>,
@@ -84,25 +87,80 @@ impl RedisCluster {
         format!("redis+cluster://{}", seeds.join(","))
     }
 
-    /// The port of the master serving `key`'s slot now.
-    pub fn master_of(&self, key: &str) -> u16 {
-        let slot: u16 = cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key]).unwrap().trim().parse().unwrap();
-        let nodes = cli(self.nodes[0].port, &["CLUSTER", "NODES"]).unwrap();
+    /// Process ids of the nodes that run.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().filter_map(|n| n.child.as_ref().map(|c| c.id())).collect()
+    }
+
+    /// A node that was not killed.
+    pub fn live(&self) -> u16 {
+        self.nodes.iter().find(|n| n.child.is_some()).expect("a live node").port
+    }
+
+    /// Masters that are up.
+    fn master_table(&self) -> Vec<Master> {
+        let nodes = cli(self.live(), &["CLUSTER", "NODES"]).unwrap();
+        let mut out = Vec::new();
         for line in nodes.lines() {
             let f: Vec<&str> = line.split(' ').collect();
             if !f[2].contains("master") || f[2].contains("fail") {
                 continue;
             }
-            for range in &f[8..] {
-                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) {
-                    if (lo..=hi).contains(&slot) {
-                        return f[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
-                    }
-                }
-            }
+            let port = f[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+            let ranges = f[8..]
+                .iter()
+                .filter_map(|range| {
+                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                    Some((lo.parse().ok()?, hi.parse().ok()?))
+                })
+                .collect();
+            out.push(Master(port, f[0].to_string(), ranges));
         }
-        panic!("no master serves slot {slot}:\n{nodes}")
+        out
+    }
+
+    /// Ports of the masters that are up and serve slots.
+    pub fn masters(&self) -> Vec<u16> {
+        self.master_table().into_iter().filter(|m| !m.2.is_empty()).map(|m| m.0).collect()
+    }
+
+    /// The port of the master serving `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let slot: u16 = cli(self.live(), &["CLUSTER", "KEYSLOT", key]).unwrap().trim().parse().unwrap();
+        let table = self.master_table();
+        table
+            .iter()
+            .find(|m| m.2.iter().any(|(lo, hi)| (*lo..=*hi).contains(&slot)))
+            .map(|m| m.0)
+            .unwrap_or_else(|| panic!("no master serves slot {slot}"))
+    }
+
+    /// Move every slot of master `from` to master `to` with `redis-cli --cluster reshard`
+    /// (keys migrate while clients use them); returns how many slots moved.
+    pub fn reshard_all(&self, from: u16, to: u16) -> usize {
+        let table = self.master_table();
+        let id = |port: u16| table.iter().find(|m| m.0 == port).map(|m| m.1.clone()).expect("a master");
+        let slots: usize =
+            table.iter().find(|m| m.0 == from).unwrap().2.iter().map(|(lo, hi)| (hi - lo + 1) as usize).sum();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{to}")])
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "reshard: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for("the cluster is ok after the reshard", || {
+            self.nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .all(|n| cli(n.port, &["CLUSTER", "INFO"]).is_some_and(|o| o.contains("cluster_state:ok")))
+        });
+        slots
     }
 
     /// Waits until every replica of the master on `port` has what the master has
@@ -118,6 +176,28 @@ impl RedisCluster {
                     r.split(',').find_map(|f| f.strip_prefix("offset=")).map(str::trim) == offset
                         && r.contains("state=online")
                 })
+        });
+    }
+
+    /// Waits until the slots of the killed master `old` are served by another node.
+    pub fn wait_failover(&self, old: u16) {
+        wait_for(&format!("a replica of {old} took over"), || {
+            let masters = self.master_table();
+            !masters.iter().any(|m| m.0 == old) && masters.iter().map(|m| m.2.len()).sum::<usize>() > 0
+        });
+        wait_for("the cluster is ok after the failover", || {
+            cli(self.live(), &["CLUSTER", "INFO"]).is_some_and(|o| o.contains("cluster_state:ok"))
+        });
+    }
+
+    /// Start a killed node again, from its own files: it rejoins the cluster (a master that
+    /// was replaced comes back as a replica of its successor) and catches up.
+    pub fn restart(&mut self, port: u16) {
+        let child = self.spawn(port);
+        self.nodes.iter_mut().find(|n| n.port == port).expect("a node of this cluster").child = Some(child);
+        wait_for(&format!("node {port} back and in sync"), || {
+            cli(port, &["INFO", "replication"])
+                .is_some_and(|o| o.contains("role:master") || o.contains("master_link_status:up"))
         });
     }
 

@@ -418,22 +418,27 @@ pub fn worker_bin() -> PathBuf {
 impl Worker {
     /// Start with the given environment on top of defaults for this test.
     pub fn start(redis: &RedisServer, sink_uri: &str, env: &[(&str, &str)]) -> Self {
-        Self::spawn(redis, sink_uri, env, Stdio::inherit())
+        Self::spawn(&redis.url(), sink_uri, env, Stdio::inherit())
+    }
+
+    /// Like [`Worker::start`], against the Redis at `redis_url` (a cluster's, say).
+    pub fn start_at(redis_url: &str, sink_uri: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn(redis_url, sink_uri, env, Stdio::inherit())
     }
 
     /// Like [`Worker::start`], with the log (stderr) written to `log`.
     pub fn start_logging(redis: &RedisServer, sink_uri: &str, env: &[(&str, &str)], log: &std::path::Path) -> Self {
-        Self::spawn(redis, sink_uri, env, Stdio::from(std::fs::File::create(log).expect("log file")))
+        Self::spawn(&redis.url(), sink_uri, env, Stdio::from(std::fs::File::create(log).expect("log file")))
     }
 
-    fn spawn(redis: &RedisServer, sink_uri: &str, env: &[(&str, &str)], stderr: Stdio) -> Self {
+    fn spawn(redis_url: &str, sink_uri: &str, env: &[(&str, &str)], stderr: Stdio) -> Self {
         let metrics_port = free_port();
         let stdout_path = std::env::temp_dir().join(format!("ew-worker-{metrics_port}.out"));
         let stdout = std::fs::File::create(&stdout_path).unwrap();
         let mut cmd = Command::new(worker_bin());
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("REDIS_URL", redis.url())
+            .env("REDIS_URL", redis_url)
             .env("METRICS_PORT", metrics_port.to_string())
             .env("DEFAULT_WORKER_URI", sink_uri)
             .env("CONSUMER_NAME", "test")
@@ -515,7 +520,11 @@ impl Drop for Worker {
 }
 
 /// Append events as producers do: `meta` JSON, `payload`, optional extra fields. Pipelined.
-pub async fn produce(con: &mut MultiplexedConnection, stream_key: &str, events: &[(serde_json::Value, Vec<u8>)]) {
+pub async fn produce<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    stream_key: &str,
+    events: &[(serde_json::Value, Vec<u8>)],
+) {
     for chunk in events.chunks(1000) {
         let mut p = redis::pipe();
         for (meta, payload) in chunk {
@@ -560,12 +569,12 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-pub async fn xlen(con: &mut MultiplexedConnection, key: &str) -> i64 {
+pub async fn xlen<C: redis::aio::ConnectionLike>(con: &mut C, key: &str) -> i64 {
     redis::cmd("XLEN").arg(key).query_async(con).await.unwrap_or(-1)
 }
 
 /// Pending count of the group on `key` (0 when the group does not exist).
-pub async fn pending(con: &mut MultiplexedConnection, key: &str, group: &str) -> i64 {
+pub async fn pending<C: redis::aio::ConnectionLike>(con: &mut C, key: &str, group: &str) -> i64 {
     let v: redis::RedisResult<redis::Value> = redis::cmd("XPENDING").arg(key).arg(group).query_async(con).await;
     match v {
         Ok(redis::Value::Array(items)) => match items.first() {
