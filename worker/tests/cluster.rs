@@ -384,3 +384,42 @@ async fn produce_one(con: &mut Conn, key: &str, i: usize) -> redis::RedisResult<
         .query_async(con)
         .await
 }
+
+/// The original's outbox table with a cluster: the deletes of delivered rows are recorded
+/// per stream (in each stream's slot, with the acknowledgement) and all applied; a dead
+/// letter is marked, not deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_clean_ups_are_recorded_per_stream_and_applied() {
+    let cluster = RedisCluster::start();
+    let mut con = streams::connect(&cluster.url(), Duration::from_secs(5)).await.unwrap();
+    let db = common::db::Database::sqlite();
+    db.exec(
+        "CREATE TABLE events (id int PRIMARY KEY, type VARCHAR(255) NOT NULL, stream VARCHAR(255) NOT NULL, \
+         dlq BOOLEAN NOT NULL DEFAULT FALSE, created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, payload TEXT)",
+    )
+    .await;
+    let sink = Sink::start().await;
+    sink.respond(|r, _| if r.header("x-event-id") == Some("7") { Reply::status(404) } else { Reply::ok() });
+    let streams = ["critical", "fast", "default", "slow"];
+    let rows: Vec<String> =
+        (1..=200).map(|i| format!("({i}, 't', 'events:{}', '{{}}')", streams[i % streams.len()])).collect();
+    db.exec(&format!("INSERT INTO events (id, type, stream, payload) VALUES {}", rows.join(", "))).await;
+    for (n, s) in streams.iter().enumerate() {
+        let evs: Vec<_> =
+            (1..=200usize).filter(|i| i % streams.len() == n).map(|i| (meta(i, "t"), b"{}".to_vec())).collect();
+        produce(&mut con, &format!("events:{s}"), &evs).await;
+    }
+    let url = db.sqlalchemy_url();
+    let env =
+        [("STREAMS", "critical,fast,default,slow"), ("DLQ_DB_CONNECTION", url.as_str()), ("DLQ_DB_TABLE", "events")];
+    let w = Worker::start_at(&cluster.url(), &sink.url("/e"), &env);
+    w.wait_ready().await;
+    wait_until("199 delivered", T, || async { ok_ids(&sink, "/e").len() == 199 }).await;
+    wait_until("their rows deleted, the dead letter's kept", T, || async {
+        db.column("SELECT id FROM events").await == ["7"]
+    })
+    .await;
+    assert_eq!(db.column("SELECT id FROM events WHERE dlq = TRUE").await, ["7"]);
+    wait_until("nothing waits", T, || async { w.metric("outbox_cleanups_pending").await == 0.0 }).await;
+    assert!(w.metric("outbox_rows_deleted_total").await >= 199.0);
+}
