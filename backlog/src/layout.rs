@@ -6,8 +6,9 @@
 //!   `events:retry:delays` (their due times), for every stream. The wire contract with the
 //!   Python worker and its tools.
 //! - **Cluster**: a script may only touch keys of one hash slot, so each stream has its own,
-//!   tagged with the part of the stream key Redis hashes: `{events:fast}:retry` and
-//!   `{events:fast}:retry:delays` live in the slot of `events:fast`. The global keys are
+//!   with the stream key as hash tag: `{events:fast}:retry` and `{events:fast}:retry:delays`
+//!   live in the slot of `events:fast` (a stream key with a tag of its own is used as it
+//!   is: `events:{orders}:eu:retry`). The global keys are
 //!   still read there (retries the original worker scheduled), but not atomically.
 
 use redis::aio::ConnectionLike;
@@ -67,11 +68,16 @@ pub fn hash_part(key: &str) -> &str {
     key
 }
 
-/// A hash tag that puts any key containing it (as its first `{`) in the slot of `key`:
-/// `{events:fast}` for `events:fast`, `{orders}` for `events:{orders}`. None for keys no tag
-/// can follow (a hashed part with a `}`, as in `events:a}b`).
+/// How `key` appears inside the worker's keys for it in a cluster, so that they share its
+/// slot and are its own: `{events:fast}` for `events:fast` (the whole key as hash tag); a
+/// key with a hash tag of its own stays as it is (`events:{orders}:eu`), so two streams
+/// that share a tag still have keys of their own. None for keys no tag can follow (a
+/// hashed part with a `}`, as in `events:a}b`).
 pub fn cluster_tag(key: &str) -> Option<String> {
     let part = hash_part(key);
+    if part != key {
+        return Some(key.to_string());
+    }
     (!part.contains('}')).then(|| format!("{{{part}}}"))
 }
 
@@ -120,11 +126,14 @@ mod tests {
         assert_eq!(hash_part("events:{}x"), "events:{}x");
         assert_eq!(hash_part("events:{x"), "events:{x");
         assert_eq!(cluster_tag("events:fast").as_deref(), Some("{events:fast}"));
-        assert_eq!(cluster_tag("events:{orders}:eu").as_deref(), Some("{orders}"));
+        assert_eq!(cluster_tag("events:{orders}:eu").as_deref(), Some("events:{orders}:eu"));
         assert_eq!(cluster_tag("events:{x").as_deref(), Some("{events:{x}"));
         assert_eq!(hash_part("{events:{x}:retry"), "events:{x");
         assert_eq!(cluster_tag("events:a}b"), None);
         assert_eq!(cluster_tag("events:{}x"), None);
+        // Two streams with one tag: each its own keys, both in the tag's slot.
+        assert_ne!(Layout::Cluster.retry_stream("{orders}:eu"), Layout::Cluster.retry_stream("{orders}:us"));
+        assert_eq!(Layout::Cluster.retry_stream("{orders}:eu"), "{orders}:eu:retry");
         for key in ["events:fast", "events:{orders}:eu", "a{{b}c", "events:{x"] {
             let tag = cluster_tag(key).unwrap();
             assert_eq!(hash_part(&format!("{tag}:retry")), hash_part(key), "{key}");

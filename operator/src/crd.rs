@@ -46,7 +46,9 @@ pub const DEFAULT_IMAGE: &str = concat!("eventworker:", env!("CARGO_PKG_VERSION"
     validation = Rule::new("!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas")
         .message("autoscaling.minReplicas must not be greater than autoscaling.maxReplicas"),
     validation = Rule::new("!has(self.disruptionBudget) || !(has(self.disruptionBudget.minAvailable) && has(self.disruptionBudget.maxUnavailable))")
-        .message("disruptionBudget: set minAvailable or maxUnavailable, not both")
+        .message("disruptionBudget: set minAvailable or maxUnavailable, not both"),
+    validation = Rule::new("!has(self.group) || !self.group.matches('[{}]') || !((has(self.redis.cluster) && self.redis.cluster) || (has(self.redis.url) && self.redis.url.contains('+cluster://')))")
+        .message("group must not contain { or } with a Redis Cluster (they would choose the hash slot of the worker's keys)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EventWorkerSpec {

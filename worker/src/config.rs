@@ -534,6 +534,7 @@ impl Config {
     /// stream (cluster).
     pub fn cleanup_sets(&self) -> Vec<String> {
         let mut sets: Vec<String> = self.streams.iter().map(|s| self.stream_keys(s).cleanup).collect();
+        sets.sort();
         sets.dedup();
         sets
     }

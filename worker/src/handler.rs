@@ -486,7 +486,11 @@ impl Stream {
                     let msg = &msg;
                     let kept = w
                         .redis_retry("dlq_stream", |mut con| async move {
-                            crate::dlq::stream::add(&mut con, record, msg).await
+                            let id = crate::dlq::stream::add(&mut con, record, msg).await?;
+                            // In a cluster events:dlq is in another slot than the stream: on a
+                            // replica before the entry is acknowledged.
+                            con.wait_replicated(crate::dlq::stream::DLQ_STREAM, crate::streams::REPLICA_WAIT).await;
+                            Ok(id)
                         })
                         .await;
                     if kept.is_none() {

@@ -54,6 +54,24 @@ impl LazyCluster {
 }
 
 impl Conn {
+    /// In a cluster, before a step in another slot removes an event's previous home: wait (at
+    /// most `timeout`) until a replica of `key`'s master has what this connection wrote there,
+    /// so that a failover right after cannot lose the event's new home. Returns how many
+    /// replicas have it; None on one Redis (nothing to wait for).
+    pub async fn wait_replicated(&self, key: &str, timeout: Duration) -> Option<i64> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let Conn::Cluster(lazy) = self else { return None };
+        let mut con = lazy.get().await.ok()?;
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(1).arg(timeout.as_millis().max(1) as u64);
+        let route =
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master)));
+        match con.route_command(cmd, route).await {
+            Ok(Value::Int(n)) => Some(n),
+            _ => Some(0),
+        }
+    }
+
     /// How keys must be laid out on this connection's Redis.
     pub fn layout(&self) -> Layout {
         match self {
@@ -419,12 +437,20 @@ for _, rid in ipairs(ids) do
     -- entry goes to the fallback stream instead.
     local ok = redis.pcall('XADD', target, '*', unpack(args))
     if type(ok) == 'table' and ok.err then
-      redis.call('XADD', ARGV[4], '*', unpack(args))
+      if KEYS[3] then
+        -- The stream itself cannot take it (and nothing of it can be delivered): it stays
+        -- scheduled, and the stream's other retries are not held up by an aborted script.
+        rid = nil
+      else
+        redis.call('XADD', ARGV[4], '*', unpack(args))
+      end
     end
-    redis.call('XDEL', KEYS[1], rid)
-    moved = moved + 1
+    if rid then
+      redis.call('XDEL', KEYS[1], rid)
+      moved = moved + 1
+    end
   end
-  redis.call('ZREM', KEYS[2], rid)
+  if rid then redis.call('ZREM', KEYS[2], rid) end
 end
 return moved
 "#;
@@ -440,6 +466,10 @@ return ids
 /// How long a worker has to move a claimed entry of the original's schedule in a cluster
 /// before another may move it again.
 pub const LEGACY_CLAIM: Duration = Duration::from_secs(60);
+
+/// Longest wait for a replica before a step across slots removes an event's previous home
+/// (see [`Conn::wait_replicated`]); without a replica in reach the step goes on.
+pub const REPLICA_WAIT: Duration = Duration::from_secs(1);
 
 pub struct Scripts {
     schedule: Script,
@@ -745,13 +775,16 @@ impl Scripts {
                     c
                 };
                 let added: redis::RedisResult<String> = add(&target).query_async(con).await;
-                if let Err(e) = added {
+                let home = match added {
+                    Ok(_) => target.as_str(),
                     // A target that cannot take it (wrong type) must not block later retries.
-                    if e.code() != Some("WRONGTYPE") {
-                        return Err(e.into());
+                    Err(e) if e.code() == Some("WRONGTYPE") => {
+                        let _: String = add(fallback).query_async(con).await?;
+                        fallback
                     }
-                    let _: String = add(fallback).query_async(con).await?;
-                }
+                    Err(e) => return Err(e.into()),
+                };
+                con.wait_replicated(home, REPLICA_WAIT).await;
                 let _: i64 = redis::cmd("XDEL").arg(RETRY_STREAM).arg(rid).query_async(con).await?;
                 moved += 1;
             }

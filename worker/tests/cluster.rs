@@ -423,3 +423,50 @@ async fn outbox_clean_ups_are_recorded_per_stream_and_applied() {
     wait_until("nothing waits", T, || async { w.metric("outbox_cleanups_pending").await == 0.0 }).await;
     assert!(w.metric("outbox_rows_deleted_total").await >= 199.0);
 }
+
+/// Two streams whose keys share one hash tag (`events:{orders}:eu`, `events:{orders}:us`)
+/// live in one slot and still keep their own schedule, lease and held keys: both ordered
+/// streams are delivered, in order, and each retry comes back to its own stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_sharing_a_hash_tag_keep_their_own_keys() {
+    let cluster = RedisCluster::start();
+    let mut con = streams::connect(&cluster.url(), Duration::from_secs(5)).await.unwrap();
+    let sink = Sink::start().await;
+    let tries: Tries = Arc::default();
+    let t = tries.clone();
+    sink.respond(move |r, _| {
+        let Some(id) = r.header("x-event-id") else { return Reply::ok() };
+        if id.ends_with("-0") && count_try(&t, r) == 1 {
+            Reply::status(400).header("x-retry-after", "1")
+        } else {
+            Reply::ok()
+        }
+    });
+    let env = [("STREAMS", "{orders}:eu,{orders}:us"), ("ORDERING", "stream")];
+    let w = Worker::start_at(&cluster.url(), &sink.url("/e"), &env);
+    w.wait_ready().await;
+    for region in ["eu", "us"] {
+        let evs: Vec<_> = (0..5).map(|n| (meta(format!("{region}-{n}"), "t"), format!("{n}").into_bytes())).collect();
+        produce(&mut con, &format!("events:{{orders}}:{region}"), &evs).await;
+    }
+    wait_until("both streams delivered", T, || async { ok_ids(&sink, "/e").len() == 10 }).await;
+    for region in ["eu", "us"] {
+        let got: Vec<(String, String)> = sink
+            .posts("/e")
+            .into_iter()
+            .filter(|r| r.status == 200 && r.header("x-event-id").is_some_and(|id| id.starts_with(region)))
+            .map(|r| {
+                (r.header("x-event-queue").unwrap_or_default().to_string(), String::from_utf8_lossy(&r.body).into())
+            })
+            .collect();
+        let queue = format!("events:{{orders}}:{region}");
+        let want: Vec<(String, String)> = (0..5).map(|n| (queue.clone(), n.to_string())).collect();
+        assert_eq!(got, want, "{region}: in order, each from its own stream");
+    }
+    let keys = all_keys(&cluster);
+    for k in keys.iter().filter(|k| k.contains("{orders}")) {
+        assert_eq!(slot(&cluster, k), slot(&cluster, "events:{orders}:eu"), "{k}");
+    }
+    assert!(keys.iter().any(|k| k.starts_with("eventworker:lease:workers:events:{orders}:eu")));
+    assert!(keys.iter().any(|k| k.starts_with("eventworker:lease:workers:events:{orders}:us")));
+}

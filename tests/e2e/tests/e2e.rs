@@ -333,6 +333,10 @@ async fn invalid_eventworkers_are_rejected_with_messages() {
             "a Redis Cluster has database 0 only",
         ),
         (
+            json!({"redis": {"host": "r", "cluster": true}, "group": "a{b}", "target": {"uri": "http://svc"}}),
+            "group must not contain { or } with a Redis Cluster",
+        ),
+        (
             json!({"redis": {"host": "r"}, "target": {"uri": "ftp://svc"}}),
             "target.uri must start with http:// or https://",
         ),

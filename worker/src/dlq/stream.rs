@@ -154,6 +154,8 @@ async fn take_across_slots(
         .ignore()
         .query_async(con)
         .await?;
+    // On a replica of the target's master before the letter goes (replication is asynchronous).
+    con.wait_replicated(target, crate::streams::REPLICA_WAIT).await;
     let _: () = redis::pipe()
         .atomic()
         .cmd("XDEL")
