@@ -146,7 +146,9 @@ pub fn subscriber(
         let filter = EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| EnvFilter::new("info"))
             .add_directive(format!("{TARGET}=off").parse().expect("a valid directive"));
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Colours only on a terminal: a log written to a file or a collector stays plain.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
         let fmt = match format {
             LogFormat::Json => fmt.json().flatten_event(true).boxed(),
             LogFormat::Text => fmt.boxed(),

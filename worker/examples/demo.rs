@@ -50,12 +50,10 @@ async fn main() {
         println!("      {t:<14} {what}");
     }
     let log_path = std::env::temp_dir().join("eventworker-demo.log");
-    let w = Worker::start_logging(
-        &redis,
-        &sink.url("/events/[EVENT_TYPE]"),
-        &[("STREAMS", "critical,fast,default,slow"), ("DLQ_URI", &sink.url("/dlq")), ("RUST_LOG", "info")],
-        &log_path,
-    );
+    let dlq_uri = sink.url(DEMO_DLQ_PATH);
+    let mut settings: Vec<(&str, &str)> = DEMO_SETTINGS.to_vec();
+    settings.push(("DLQ_URI", &dlq_uri));
+    let w = Worker::start_logging(&redis, &sink.url(DEMO_EVENTS_PATH), &settings, &log_path);
     println!(
         "  eventworker        pid {}, metrics http://127.0.0.1:{}/metrics, log {}",
         w.child.id(),

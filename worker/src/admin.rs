@@ -6,14 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::streams::Conn;
-use axum::extract::{Query, State};
+use axum::extract::{Query, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::dlq::redrive::{gather, replay, Filter, FilterQuery, ReplayReport, Targets};
+use crate::dlq::redrive::{
+    gather, replay, unknown_params, Filter, FilterQuery, ReplayReport, Targets, LIST_PARAMS, REPLAY_PARAMS,
+};
 use crate::dlq::SqlSink;
 use crate::metrics::Metrics;
 
@@ -25,6 +27,8 @@ pub struct Health {
     dlq_error: Mutex<Option<String>>,
     /// Why the outbox clean-up cannot delete rows now (they wait in Redis meanwhile).
     cleanup_error: Mutex<Option<String>>,
+    /// Where Redis is (host:port, no credentials), for the reasons given.
+    redis_addr: String,
 }
 
 impl Health {
@@ -37,6 +41,12 @@ impl Health {
             }
         }
         h
+    }
+
+    /// Name the Redis address (`host:port`, without credentials) in the reasons.
+    pub fn redis_at(mut self, addr: String) -> Self {
+        self.redis_addr = addr;
+        self
     }
 
     pub fn set_group(&self, key: &str, ok: bool) {
@@ -63,7 +73,10 @@ impl Health {
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !self.redis_ok.load(Ordering::Relaxed) {
-            out.push("redis unreachable".to_string());
+            out.push(match self.redis_addr.as_str() {
+                "" => "redis unreachable".to_string(),
+                addr => format!("redis unreachable at {addr}"),
+            });
         }
         for (k, ok) in crate::lock(&self.groups).iter() {
             if !ok {
@@ -98,6 +111,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/dlq", get(dlq_list))
+        .route("/dlq/{id}", get(dlq_show))
         .route("/dlq/replay", post(dlq_replay))
         // The original worker's endpoint and parameters.
         .route("/reprocess-dlq", get(reprocess_dlq))
@@ -141,13 +155,27 @@ fn filter_of(q: &FilterQuery) -> Result<Filter, ApiError> {
     q.filter().map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
+/// 400 naming every parameter the endpoint does not take.
+fn known_params(raw: &Option<String>, known: &[&str]) -> Result<(), ApiError> {
+    let unknown = unknown_params(raw.as_deref(), known);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(api_error(
+        StatusCode::BAD_REQUEST,
+        format!("unknown query parameter(s): {}; this endpoint takes {}", unknown.join(", "), known.join(", ")),
+    ))
+}
+
 async fn dlq_list(
     State(s): State<AdminState>,
     headers: HeaderMap,
+    RawQuery(raw): RawQuery,
     Query(t): Query<TokenQuery>,
     Query(q): Query<FilterQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &headers, t.token.as_deref())?;
+    known_params(&raw, LIST_PARAMS)?;
     let filter = filter_of(&q)?;
     let (rows, _) = gather(s.dlq.as_deref(), s.redis.as_ref())
         .await
@@ -156,10 +184,61 @@ async fn dlq_list(
     Ok(Json(json!({"count": rows.len(), "rows": rows})))
 }
 
-async fn run_replay(s: &AdminState, q: &FilterQuery) -> Result<ReplayReport, ApiError> {
+/// `GET /dlq/{id}`: the letters with this id in full (payload, meta), from every store.
+async fn dlq_show(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    RawQuery(raw): RawQuery,
+    Query(t): Query<TokenQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &headers, t.token.as_deref())?;
+    known_params(&raw, &["token"])?;
+    let unavailable = |e: crate::Error| api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    let mut letters = Vec::new();
+    if let Some(sql) = s.dlq.as_deref() {
+        letters.extend(sql.get(&id).await.map_err(unavailable)?);
+    }
+    if let Some(redis) = s.redis.as_ref() {
+        let (_, kept) = gather(None, Some(redis)).await.map_err(unavailable)?;
+        letters.extend(kept.into_values().filter(|f| f.row.id == id));
+    }
+    if letters.is_empty() {
+        return Err(api_error(StatusCode::NOT_FOUND, format!("no dead letter with id {id:?}")));
+    }
+    let rows: Vec<serde_json::Value> = letters
+        .iter()
+        .map(|l| {
+            let mut v = serde_json::to_value(&l.row).unwrap_or_default();
+            v["meta"] = l
+                .meta
+                .as_deref()
+                .map(|m| serde_json::from_str(m).unwrap_or_else(|_| json!(m)))
+                .unwrap_or(serde_json::Value::Null);
+            v["payload"] = json!(l.payload);
+            v
+        })
+        .collect();
+    Ok(Json(json!({"count": rows.len(), "rows": rows})))
+}
+
+/// `scoped`: a replay without a filter needs `all=true` (the original's `/reprocess-dlq`
+/// replays everything when asked without parameters, as it always did).
+async fn run_replay(
+    s: &AdminState,
+    raw: &Option<String>,
+    q: &FilterQuery,
+    scoped: bool,
+) -> Result<ReplayReport, ApiError> {
+    known_params(raw, REPLAY_PARAMS)?;
     let filter = filter_of(q)?;
+    let mut opts = q.options().map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if !scoped {
+        opts.all = true;
+    }
+    opts.check_scope(&filter).map_err(|e| api_error(StatusCode::BAD_REQUEST, e.to_string()))?;
     let redis = s.redis.clone().ok_or_else(|| api_error(StatusCode::SERVICE_UNAVAILABLE, "no redis connection"))?;
-    let report = replay(s.dlq.as_deref(), &redis, &filter, &q.options(), &s.targets, |_| {}).await.map_err(|e| {
+    let report = replay(s.dlq.as_deref(), Some(&redis), &filter, &opts, &s.targets, |_| {}).await.map_err(|e| {
         let code = if matches!(e, crate::Error::Invalid(_)) {
             StatusCode::BAD_REQUEST
         } else {
@@ -179,11 +258,12 @@ async fn run_replay(s: &AdminState, q: &FilterQuery) -> Result<ReplayReport, Api
 async fn dlq_replay(
     State(s): State<AdminState>,
     headers: HeaderMap,
+    RawQuery(raw): RawQuery,
     Query(t): Query<TokenQuery>,
     Query(q): Query<FilterQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &headers, t.token.as_deref())?;
-    let report = run_replay(&s, &q).await?;
+    let report = run_replay(&s, &raw, &q, true).await?;
     Ok(Json(serde_json::to_value(report).unwrap_or_default()))
 }
 
@@ -193,14 +273,21 @@ async fn dlq_replay(
 async fn reprocess_dlq(
     State(s): State<AdminState>,
     headers: HeaderMap,
+    RawQuery(raw): RawQuery,
     Query(t): Query<TokenQuery>,
     Query(q): Query<FilterQuery>,
 ) -> axum::response::Response {
     if s.token.is_some() {
-        return dlq_replay(State(s), headers, Query(t), Query(q)).await.into_response();
+        if let Err(e) = authorize(&s, &headers, t.token.as_deref()) {
+            return e.into_response();
+        }
+        return match run_replay(&s, &raw, &q, false).await {
+            Ok(report) => Json(serde_json::to_value(report).unwrap_or_default()).into_response(),
+            Err(e) => e.into_response(),
+        };
     }
     let text = |code: StatusCode, body: String| (code, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body);
-    match run_replay(&s, &q).await {
+    match run_replay(&s, &raw, &q, false).await {
         Ok(report) => {
             let verb = if report.dry_run { "would reprocess" } else { "reprocessed" };
             let mut out = String::new();
@@ -259,7 +346,7 @@ mod tests {
     fn state() -> AdminState {
         AdminState {
             metrics: Arc::new(Metrics::new()),
-            health: Arc::new(Health::new(&["fast".to_string()])),
+            health: Arc::new(Health::new(&["fast".to_string()]).redis_at("redis.shop:6379".into())),
             redis: None,
             dlq: None,
             token: Some("s3cret".into()),
@@ -302,12 +389,56 @@ mod tests {
         );
     }
 
+    async fn post(router: Router, path: &str) -> (StatusCode, String) {
+        let resp = router.oneshot(Request::post(path).body(Body::empty()).unwrap()).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn mistyped_or_missing_filters_never_replay() {
+        let s = state();
+        // A misspelled dry_run, a misspelled ids: refused by name before anything happens.
+        let (code, body) = post(router(s.clone()), "/dlq/replay?token=s3cret&dryrun=true&ids=9999").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("unknown query parameter(s): dryrun"), "{body}");
+        let (code, body) = get(router(s.clone()), "/dlq?token=s3cret&id=1001").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("unknown query parameter(s): id;"), "{body}");
+        // A replay without a filter must say all=true; a malformed flag is not "false".
+        let (code, body) = post(router(s.clone()), "/dlq/replay?token=s3cret").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("all=true"), "{body}");
+        let (code, body) = post(router(s.clone()), "/dlq/replay?token=s3cret&ids=1&dry_run=maybe").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("dry_run=") && body.contains("use true or false"), "{body}");
+        let (code, body) = post(router(s.clone()), "/dlq/replay?token=s3cret&limit=ten").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("limit"), "{body}");
+        // Well-formed and scoped: it gets as far as Redis (none here).
+        for ok in [
+            "/dlq/replay?token=s3cret&all=true",
+            "/dlq/replay?token=s3cret&ids=1,2",
+            "/dlq/replay?token=s3cret&dry_run",
+        ] {
+            assert_eq!(post(router(s.clone()), ok).await.0, StatusCode::SERVICE_UNAVAILABLE, "{ok}");
+        }
+        // The original's endpoint replays everything when asked without a filter, as it did.
+        assert_eq!(get(router(s.clone()), "/reprocess-dlq?token=s3cret").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(get(router(s), "/reprocess-dlq?token=s3cret&dryrun=1").await.0, StatusCode::BAD_REQUEST);
+    }
+
     #[tokio::test]
     async fn readiness_says_why_not() {
         let s = state();
         let (code, body) = get(router(s.clone()), "/readyz").await;
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(body.contains("redis unreachable") && body.contains("consumer group missing on events:fast"), "{body}");
+        assert!(
+            body.contains("redis unreachable at redis.shop:6379")
+                && body.contains("consumer group missing on events:fast"),
+            "{body}"
+        );
         s.health.redis_ok.store(true, Ordering::Relaxed);
         s.health.set_group("events:fast", true);
         assert_eq!(get(router(s.clone()), "/readyz").await.0, StatusCode::OK);

@@ -54,26 +54,26 @@ pub enum LogFormat {
 pub struct Args {
     /// Redis URL (redis:// or rediss:// for TLS; redis+cluster://host:port,host:port for a Redis
     /// Cluster's seed nodes); overrides REDIS_HOST / REDIS_PORT / REDIS_HOST_PORT.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, global = true, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Redis host.
-    #[arg(long, env = "REDIS_HOST", default_value = "localhost")]
+    #[arg(long, global = true, env = "REDIS_HOST", default_value = "localhost")]
     pub redis_host: String,
     /// Redis port.
-    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    #[arg(long, global = true, env = "REDIS_PORT", default_value_t = 6379)]
     pub redis_port: u16,
     /// Redis address as host:port (alternative to REDIS_HOST and REDIS_PORT).
-    #[arg(long, env = "REDIS_HOST_PORT")]
+    #[arg(long, global = true, env = "REDIS_HOST_PORT")]
     pub redis_host_port: Option<String>,
     /// Redis password.
-    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    #[arg(long, global = true, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
     /// Redis Cluster: the Redis address is a seed node of a cluster (as a redis+cluster:// URL).
-    #[arg(long, env = "REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
     pub redis_cluster: bool,
 
     /// Consumer group shared by all workers.
-    #[arg(long, env = "GROUP", default_value = "workers")]
+    #[arg(long, global = true, env = "GROUP", default_value = "workers")]
     pub group: String,
     /// Prefix of consumer names: <prefix>-<stream>-<pod or host name>.
     #[arg(long, env = "CONSUMER_PREFIX", default_value = "worker")]
@@ -82,7 +82,7 @@ pub struct Args {
     #[arg(long, env = "CONSUMER_NAME")]
     pub consumer_name: Option<String>,
     /// Comma-separated stream names; each is read from key events:<name>, in this priority order.
-    #[arg(long, env = "STREAMS", default_value = "critical,fast,default,slow")]
+    #[arg(long, global = true, env = "STREAMS", default_value = "critical,fast,default,slow")]
     pub streams: String,
 
     /// Target for events without meta.url; [EVENT_TYPE] is replaced by the event type.
@@ -103,19 +103,19 @@ pub struct Args {
     pub metrics_port: u16,
 
     /// Dead-letter HTTP endpoint: failed events are POSTed there as JSON.
-    #[arg(long, env = "DLQ_URI")]
+    #[arg(long, global = true, env = "DLQ_URI")]
     pub dlq_uri: Option<String>,
     /// Dead-letter database URL (postgresql://, mysql://, sqlite://; +driver suffixes accepted).
-    #[arg(long, env = "DLQ_DB_CONNECTION", hide_env_values = true)]
+    #[arg(long, global = true, env = "DLQ_DB_CONNECTION", hide_env_values = true)]
     pub dlq_db_connection: Option<String>,
     /// Dead-letter table.
-    #[arg(long, env = "DLQ_DB_TABLE", default_value = "dlq")]
+    #[arg(long, global = true, env = "DLQ_DB_TABLE", default_value = "dlq")]
     pub dlq_db_table: String,
     /// Source table whose row (event_id = id) is deleted after dead-lettering.
-    #[arg(long, env = "EVENT_DB_TABLE")]
+    #[arg(long, global = true, env = "EVENT_DB_TABLE")]
     pub event_db_table: Option<String>,
     /// How DLQ_DB_TABLE is used: auto (an outbox table when it has a dlq column), deadletter, outbox.
-    #[arg(long, env = "DLQ_DB_MODE", value_enum, default_value = "auto")]
+    #[arg(long, global = true, env = "DLQ_DB_MODE", value_enum, default_value = "auto")]
     pub dlq_db_mode: DbMode,
     /// Outbox table: rows neither delivered nor dead-lettered this many seconds after
     /// created_at count as undelivered (metric outbox_undelivered_rows).
@@ -244,10 +244,24 @@ pub struct Args {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
-    /// Inspect and replay the SQL dead-letter store (DLQ_DB_CONNECTION).
+    /// Inspect, replay and delete dead letters (the SQL store and events:dlq).
     Dlq {
         #[command(subcommand)]
-        action: DlqAction,
+        action: Box<DlqAction>,
+    },
+    /// Per stream: length, backlog, pending, oldest age, consumers; scheduled retries, kept
+    /// dead letters and paused hosts.
+    Status {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every this many seconds until interrupted.
+        #[arg(long, num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
+        /// A worker's admin server, asked for its paused hosts (default: this machine's
+        /// METRICS_PORT).
+        #[arg(long)]
+        admin_url: Option<String>,
     },
 }
 
@@ -281,6 +295,35 @@ pub enum DlqAction {
         /// Most rows replayed per second.
         #[arg(long)]
         rate: Option<f64>,
+        /// Replay every dead letter (needed when no filter is given).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show dead letters in full: payload, meta, reason, attempts, where each is kept.
+    Show {
+        /// Dead-letter id(s).
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// One JSON object per letter.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the matching dead letters for good (letters that must never be replayed).
+    Delete {
+        #[command(flatten)]
+        filter: crate::dlq::redrive::Filter,
+        /// Show what would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Delete every dead letter (needed when no filter is given).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete every dead letter (the same as `delete --all`).
+    Purge {
+        /// Show what would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -326,6 +369,8 @@ pub struct Config {
     /// Redis Cluster, from a redis+cluster:// URL or REDIS_CLUSTER).
     pub layout: crate::streams::Layout,
     pub worker_threads: Option<usize>,
+    /// Settings that work but probably not as meant; logged at start-up.
+    pub warnings: Vec<String>,
     pub admin_token: Option<String>,
     /// Outbox rows older than this that are neither delivered nor dead-lettered count as undelivered.
     pub outbox_audit_after: Duration,
@@ -351,7 +396,7 @@ pub fn stream_key(name: &str) -> String {
 impl Config {
     /// Parse the command line and environment: the configuration and the subcommand, if any.
     pub fn from_env() -> Result<(Self, Option<Command>)> {
-        let args = Args::parse();
+        let args = Args::try_parse().map_err(invalid_value)?;
         let command = args.command.clone();
         Ok((Self::from_args(args)?, command))
     }
@@ -359,8 +404,14 @@ impl Config {
     pub fn from_args(a: Args) -> Result<Self> {
         let redis_url = redis_url(&a)?;
         let hosts = host_settings(&a)?;
-        let streams: Vec<String> =
-            a.streams.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        // A name (`fast`) or the stream's key (`events:fast`): both mean `events:fast`.
+        let streams: Vec<String> = a
+            .streams
+            .split(',')
+            .map(|s| s.trim())
+            .map(|s| s.strip_prefix(STREAM_PREFIX).unwrap_or(s).to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
         if streams.is_empty() {
             return Err(bad("STREAMS", "needs at least one stream name"));
         }
@@ -395,6 +446,12 @@ impl Config {
         }
         reqwest::Url::parse(&a.default_worker_uri.replace("[EVENT_TYPE]", "x"))
             .map_err(|e| bad("DEFAULT_WORKER_URI", e.to_string()))?;
+        let mut warnings = Vec::new();
+        if a.dlq_db_connection.as_deref().is_some_and(|s| !s.is_empty())
+            && a.dlq_uri.as_deref().is_some_and(|s| !s.is_empty())
+        {
+            warnings.push("both DLQ_DB_CONNECTION and DLQ_URI are set: dead letters go to the SQL store only; unset DLQ_URI (or DLQ_DB_CONNECTION) to make the choice explicit".to_string());
+        }
         let dlq = if let Some(url) = a.dlq_db_connection.filter(|s| !s.is_empty()) {
             validate_identifier("DLQ_DB_TABLE", &a.dlq_db_table)?;
             if let Some(t) = &a.event_db_table {
@@ -492,6 +549,7 @@ impl Config {
             log_format: a.log_format,
             otlp_endpoint: a.otel_exporter_otlp_endpoint,
             layout,
+            warnings,
             admin_token: a.admin_token.filter(|t| !t.is_empty()),
             outbox_audit_after: seconds("OUTBOX_AUDIT_AFTER", a.outbox_audit_after)?,
             targets,
@@ -518,6 +576,14 @@ impl Config {
 
     pub fn consumer(&self, stream: &str) -> String {
         format!("{}-{}-{}", self.consumer_prefix, stream, self.consumer_name)
+    }
+
+    /// Where Redis is, for messages: `host:port` (a cluster's seeds comma-separated),
+    /// without scheme, credentials or database.
+    pub fn redis_address(&self) -> String {
+        let rest = self.redis_url.split_once("://").map(|(_, r)| r).unwrap_or(&self.redis_url);
+        let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+        rest.split(['/', '?']).next().unwrap_or_default().to_string()
     }
 
     /// The worker's keys for stream `name` (without the prefix).
@@ -669,6 +735,7 @@ fn overrides<T>(
     for item in raw.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, value) = item.split_once('=').ok_or_else(|| bad(var, format!("{item:?} is not name=value")))?;
         let (name, value) = (name.trim(), value.trim());
+        let name = name.strip_prefix(STREAM_PREFIX).unwrap_or(name);
         if !streams.iter().any(|s| s == name) {
             return Err(bad(var, format!("{name:?} is not in STREAMS")));
         }
@@ -676,6 +743,36 @@ fn overrides<T>(
         out.insert(name.to_string(), v);
     }
     Ok(out)
+}
+
+/// A value clap refused, named by its environment variable (where users set it) and its
+/// flag; any other parse outcome (help, version, an unknown flag) is clap's to print.
+fn invalid_value(e: clap::Error) -> Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(e.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+        e.exit();
+    }
+    let text = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => s.clone(),
+        Some(ContextValue::Strings(v)) => v.join(", "),
+        _ => String::new(),
+    };
+    let flag = text(ContextKind::InvalidArg);
+    let long = flag.split_whitespace().next().unwrap_or_default().trim_start_matches("--").to_string();
+    let cmd = <Args as clap::CommandFactory>::command();
+    let env = cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long.as_str()))
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned())
+        .unwrap_or_else(|| flag.clone());
+    let mut msg = format!("{:?} is not a valid value (--{long})", text(ContextKind::InvalidValue));
+    let valid = text(ContextKind::ValidValue);
+    if !valid.is_empty() {
+        msg.push_str(&format!("; one of: {valid}"));
+    }
+    // The variable's name lives as long as the process (this is its last message).
+    Error::Config { var: Box::leak(env.into_boxed_str()), msg }
 }
 
 fn seconds(var: &'static str, v: f64) -> Result<Duration> {
@@ -873,6 +970,30 @@ pub(crate) mod tests {
         let c = parse(&["--redis-url", "redis://:own@r:6379", "--redis-password", "other"]).unwrap();
         assert_eq!(c.redis_url, "redis://:own@r:6379");
         assert_eq!(c.layout, crate::streams::Layout::Single);
+    }
+
+    #[test]
+    fn the_redis_address_carries_no_credentials() {
+        let c = parse(&["--redis-url", "rediss://u:p%40ss@r.shop:6380/2"]).unwrap();
+        assert_eq!(c.redis_address(), "r.shop:6380");
+        let c = parse(&["--redis-url", "redis+cluster://:pw@a:7000,b:7001"]).unwrap();
+        assert_eq!(c.redis_address(), "a:7000,b:7001");
+    }
+
+    #[test]
+    fn two_dead_letter_sinks_are_warned_about() {
+        let c = parse(&["--dlq-db-connection", "sqlite:///tmp/x.db", "--dlq-uri", "http://dlq/x"]).unwrap();
+        assert!(matches!(c.dlq, DlqConfig::Sql { .. }));
+        assert!(c.warnings[0].contains("DLQ_URI"), "{:?}", c.warnings);
+        assert!(parse(&[]).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn streams_by_name_or_by_key() {
+        let c = parse(&["--streams", "events:fast,slow", "--stream-max-in-flight", "events:slow=4"]).unwrap();
+        assert_eq!(c.streams, ["fast", "slow"]);
+        assert_eq!(c.stream_max_in_flight.get("slow"), Some(&4));
+        assert!(parse(&["--streams", "fast,events:fast"]).unwrap_err().to_string().contains("listed twice"));
     }
 
     #[test]

@@ -79,7 +79,7 @@ impl Worker {
                 Err(e) => {
                     self.metrics.redis_errors.with_label_values(&[op]).inc();
                     self.health.redis_ok.store(false, AtomicOrdering::Relaxed);
-                    tracing::warn!(op, error = %e, "redis operation failed; retrying");
+                    tracing::warn!(op, redis = %self.cfg.redis_address(), error = %e, "redis operation failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff(Duration::from_millis(100), n, Duration::from_secs(5))) => {}
                         _ = self.shutdown.hard.cancelled() => return None,
@@ -477,7 +477,7 @@ impl Stream {
         self.w.metrics.redis_errors.with_label_values(&[op]).inc();
         self.w.health.redis_ok.store(false, AtomicOrdering::Relaxed);
         if n == 1 || n % 20 == 0 {
-            tracing::warn!(stream = %self.key, op, error = err, attempt = n, "redis error; retrying");
+            tracing::warn!(stream = %self.key, redis = %self.w.cfg.redis_address(), op, error = err, attempt = n, "redis error; retrying");
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff(Duration::from_millis(100), n, Duration::from_secs(5))) => {}

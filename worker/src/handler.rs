@@ -505,6 +505,18 @@ impl Stream {
                         tracing::info!(sink = w.sink.name(), "dead-letter sink accepts again");
                     }
                     w.metrics.dead_lettered.with_label_values(&[&self.key, &record.reason]).inc();
+                    // The console sink prints each letter itself; the others are logged here.
+                    if w.sink.name() != "console" {
+                        if let Some(suppressed) = DEAD_LETTER_LOG.allow() {
+                            if suppressed > 0 {
+                                tracing::info!(
+                                    suppressed,
+                                    "dead letters not logged in the last {DEAD_LETTER_LOG_WINDOW:?} (rate-limited)"
+                                );
+                            }
+                            tracing::info!(id = %record.id, r#type = %record.event_type, reason = %record.reason, stream = %self.key, sink = w.sink.name(), "dead-lettered");
+                        }
+                    }
                     return true;
                 }
                 Err(e) => {
@@ -523,6 +535,37 @@ impl Stream {
             }
         }
         false
+    }
+}
+
+/// At most [`DEAD_LETTER_LOG_MAX`] dead-letter lines per window; the rest are counted and
+/// the count logged with the next line that is.
+pub(crate) const DEAD_LETTER_LOG_WINDOW: Duration = Duration::from_secs(10);
+const DEAD_LETTER_LOG_MAX: u32 = 20;
+static DEAD_LETTER_LOG: LogBudget = LogBudget::new();
+
+pub(crate) struct LogBudget(std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>);
+
+impl LogBudget {
+    const fn new() -> Self {
+        Self(std::sync::Mutex::new((None, 0, 0)))
+    }
+
+    /// Some(lines suppressed since the last one logged) when this line may be logged.
+    fn allow(&self) -> Option<u64> {
+        let mut g = crate::lock(&self.0);
+        let (start, used, suppressed) = &mut *g;
+        let now = std::time::Instant::now();
+        if start.is_none_or(|s| now.duration_since(s) >= DEAD_LETTER_LOG_WINDOW) {
+            *start = Some(now);
+            *used = 0;
+        }
+        if *used >= DEAD_LETTER_LOG_MAX {
+            *suppressed += 1;
+            return None;
+        }
+        *used += 1;
+        Some(std::mem::take(suppressed))
     }
 }
 

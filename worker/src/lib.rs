@@ -17,6 +17,7 @@ pub mod retry;
 pub mod scheduler;
 pub mod shutdown;
 pub mod stats;
+pub mod status;
 pub mod streams;
 
 use std::sync::Arc;
@@ -25,6 +26,14 @@ use std::time::Duration;
 pub use error::{Error, Result};
 
 /// Lock a mutex; a panic elsewhere while holding it does not make its data unusable here.
+/// Write to stdout; false when the reader went away (`| head`): the caller ends quietly
+/// instead of panicking like `println!` would.
+pub fn print_out(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_ok()
+}
+
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -82,7 +91,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
         }
     }
     let redis = streams::connect_lazy(&cfg.redis_url, Duration::from_secs(5))?;
-    let health = Arc::new(Health::new(&cfg.streams));
+    let health = Arc::new(Health::new(&cfg.streams).redis_at(cfg.redis_address()));
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", cfg.metrics_port)).await.map_err(|e| Error::Config {
         var: "METRICS_PORT",
         msg: format!("cannot listen on port {}: {e}", cfg.metrics_port),
@@ -108,6 +117,9 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<()> {
         shutdown: shutdown.clone(),
         outbox_wake: Arc::default(),
     });
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     if cfg.admin_token.is_none() {
         tracing::warn!(
             "ADMIN_TOKEN is not set: GET /reprocess-dlq (the original's endpoint) replays dead letters without authentication; set ADMIN_TOKEN to require a token"

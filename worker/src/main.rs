@@ -33,13 +33,17 @@ fn main() -> std::process::ExitCode {
     match rt.enable_all().build() {
         Ok(rt) => rt.block_on(async move {
             match command {
-                Some(Command::Dlq { action }) => match eventworker::dlq::cli::run(&cfg, action).await {
+                Some(Command::Dlq { action }) => match eventworker::dlq::cli::run(&cfg, *action).await {
                     Ok(()) => std::process::ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("eventworker: {}", eventworker::redact(&e.to_string()));
-                        std::process::ExitCode::from(1)
-                    }
+                    Err(e) => failed(&e),
                 },
+                Some(Command::Status { json, watch, admin_url }) => {
+                    let admin = admin_url.unwrap_or_else(|| format!("http://127.0.0.1:{}", cfg.metrics_port));
+                    match eventworker::status::run(&cfg, json, watch, &admin).await {
+                        Ok(()) => std::process::ExitCode::SUCCESS,
+                        Err(e) => failed(&e),
+                    }
+                }
                 None => run(cfg).await,
             }
         }),
@@ -55,10 +59,12 @@ async fn run(cfg: Config) -> std::process::ExitCode {
     shutdown.listen_for_signals();
     match eventworker::run(cfg, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("eventworker: {}", eventworker::redact(&e.to_string()));
-            std::process::ExitCode::from(1)
-        }
+        Err(e) => failed(&e),
     }
+}
+
+/// One message; exit code 2 for a setting that is wrong (it names the variable), 1 otherwise.
+fn failed(e: &eventworker::Error) -> std::process::ExitCode {
+    eprintln!("eventworker: {}", eventworker::redact(&e.to_string()));
+    std::process::ExitCode::from(if matches!(e, eventworker::Error::Config { .. }) { 2 } else { 1 })
 }

@@ -287,3 +287,196 @@ async fn consumers_do_not_pile_up() {
     assert!(w.wait_exit(T).await.is_some_and(|s| s.success()));
     assert_eq!(consumers(con.clone()).await, ["busy-pod"], "a clean stop removes its own consumer, not a busy one");
 }
+
+/// A log written to a file carries no terminal colour codes; dead letters to the HTTP
+/// sink are logged at the default level; `STREAMS` may name a stream by its key
+/// (`events:fast`) as well as by its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_logs_are_plain_name_dead_letters_and_streams_may_be_named_by_key() {
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|r, _| if r.header("x-event-id") == Some("2") { Reply::status(404) } else { Reply::ok() });
+    let log = std::env::temp_dir().join(format!("ew-plain-{}.log", free_port()));
+    let env = [("STREAMS", "events:fast"), ("DLQ_URI", &sink.url("/dlq")), ("RUST_LOG", "info")];
+    let w = Worker::start_logging(&redis, &sink.url("/e"), &env, &log);
+    w.wait_ready().await;
+    produce(&mut redis.con().await, "events:fast", &[(meta(1, "t"), b"x".to_vec()), (meta(2, "gone"), b"y".to_vec())])
+        .await;
+    wait_until("delivered from events:fast", T, || async { sink.delivered_ids("/e").contains("1") }).await;
+    wait_until("2 dead-lettered and logged", T, || async {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("dead-lettered")
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text.lines().find(|l| l.contains("dead-lettered")).unwrap();
+    for part in ["id=2", "type=gone", "reason=http_404", "sink=\"http\""] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    assert!(text.contains("ADMIN_TOKEN is not set"), "the start-up warning is logged: {text}");
+    assert!(!text.contains('\u{1b}'), "no ANSI escapes in a file: {text:?}");
+    assert_eq!(xlen(&mut redis.con().await, "events:events:fast").await, 0, "no stream under a doubled prefix");
+}
+
+/// The `dlq` commands as a new user types them: connection flags after the subcommand, a
+/// replay without a filter refused before anything is touched, and a dry run that shows the
+/// SQL store's letters while Redis cannot be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_commands_take_flags_after_the_subcommand_and_never_replay_everything_by_accident() {
+    let nobody = format!("redis://127.0.0.1:{}", free_port());
+    let (ok, _, err) = run_cli(&[], &["dlq", "replay", "--redis-url", &nobody]);
+    assert!(!ok && err.contains("--all"), "refused without a filter: {err}");
+    let (ok, _, err) = run_cli(&[], &["dlq", "replay", "--all", "--redis-url", &nobody]);
+    assert!(!ok && err.contains(nobody.trim_start_matches("redis://")), "the flag after `replay` was used: {err}");
+
+    let db = Database::sqlite();
+    let url = db.sqlalchemy_url();
+    let (ok, _, err) = run_cli(&[], &["dlq", "list", "--dlq-db-connection", &url, "--redis-url", &nobody]);
+    assert!(ok, "the table is created, Redis missing is a warning: {err}");
+    db.exec("INSERT INTO dlq (id, type, reason, payload) VALUES ('7', 'order.paid', 'http_404', '{}')").await;
+    let (ok, out, err) = run_cli(
+        &[],
+        &["dlq", "replay", "--ids", "7", "--dry-run", "--dlq-db-connection", &url, "--redis-url", &nobody],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("would replay 7 -> events:"), "{out}");
+    assert!(err.contains("events:dlq is not looked at"), "{err}");
+    assert_eq!(db.column("SELECT id FROM dlq").await, ["7"], "a dry run changes nothing");
+}
+
+/// A wrong setting stops start-up with exit code 2 and one message that names it.
+#[test]
+fn bad_settings_stop_start_up_once_with_exit_code_2() {
+    let busy = std::net::TcpListener::bind(("0.0.0.0", free_port())).unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let redis = format!("redis://127.0.0.1:{}", free_port());
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("METRICS_PORT", &port)], "METRICS_PORT"),
+        (&[("DLQ_DB_CONNECTION", "bogus://x")], "DLQ_DB_CONNECTION"),
+        (&[("DLQ_DB_CONNECTION", "sqlite:///nonexistent/dir/x.db")], "DLQ_DB_CONNECTION"),
+        (&[("ORDERING", "fifo")], "ORDERING"),
+    ];
+    for (env, var) in cases {
+        let out = std::process::Command::new(worker_bin())
+            .env_clear()
+            .env("REDIS_URL", &redis)
+            .env("METRICS_PORT", free_port().to_string())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {err}");
+        assert!(err.contains(var), "{var} named: {err}");
+        assert_eq!(err.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{var}: one message: {err}");
+    }
+}
+
+/// `dlq show` prints a letter in full, `GET /dlq/{id}` answers it as JSON, `dlq delete`
+/// removes letters that must never be replayed from whichever store keeps them (dry run
+/// first, never everything without `--all`), and `dlq purge` removes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_be_shown_and_deleted_for_good() {
+    let redis = RedisServer::start();
+    let db = Database::sqlite();
+    let url = db.sqlalchemy_url();
+    let env = [("REDIS_URL", redis.url()), ("DLQ_DB_CONNECTION", url.clone()), ("STREAMS", "fast".to_string())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cli = |args: &[&str]| run_cli(&env, args);
+    assert!(cli(&["dlq", "list"]).0, "the table is created");
+    db.exec(
+        "INSERT INTO dlq (id, type, reason, payload, meta) VALUES \
+         ('1', 'order.paid', 'http_410', '{\"n\":1}', '{\"id\":\"1\",\"orderingKey\":\"c-1\"}'), \
+         ('2', 'order.paid', 'http_410', '{\"n\":2}', NULL), ('3', 'order.paid', 'http_500', '{\"n\":3}', NULL)",
+    )
+    .await;
+    let _: String = redis::cmd("XADD")
+        .arg("events:dlq")
+        .arg("*")
+        .arg("id")
+        .arg("4")
+        .arg("type")
+        .arg("order.paid")
+        .arg("reason")
+        .arg("http_410")
+        .arg("payload")
+        .arg("{\"n\":4}")
+        .query_async(&mut redis.con().await)
+        .await
+        .unwrap();
+
+    let (ok, out, err) = cli(&["dlq", "show", "1"]);
+    assert!(ok, "{err}");
+    for part in ["reason:     http_410", "payload:    {\"n\":1}", "\"orderingKey\": \"c-1\"", "kept in:    sql"] {
+        assert!(out.contains(part), "{part} in {out}");
+    }
+    let (ok, out, _) = cli(&["dlq", "show", "4", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(ok && v["store"] == "redis" && v["payload"] == "{\"n\":4}", "{out}");
+    let (ok, _, err) = cli(&["dlq", "show", "99"]);
+    assert!(!ok && err.contains("no dead letter with id \"99\""), "{err}");
+
+    let w = Worker::start(
+        &redis,
+        "http://127.0.0.1:9/e",
+        &[("STREAMS", "fast"), ("DLQ_DB_CONNECTION", &url), ("ADMIN_TOKEN", "t")],
+    );
+    w.wait_ready().await;
+    let (code, body) = w.get("/dlq/1?token=t").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["rows"][0]["payload"].as_str(), v["rows"][0]["meta"]["orderingKey"].as_str()),
+        (Some("{\"n\":1}"), Some("c-1"))
+    );
+    assert_eq!(w.get("/dlq/99?token=t").await.0, 404);
+    drop(w);
+
+    let (ok, _, err) = cli(&["dlq", "delete"]);
+    assert!(!ok && err.contains("--all"), "{err}");
+    let (ok, out, err) = cli(&["dlq", "delete", "--reason", "http_410", "--dry-run"]);
+    assert!(ok && out.contains("would delete 1 (sql)") && out.contains("would delete 4 (redis)"), "{out}{err}");
+    assert_eq!(db.column("SELECT id FROM dlq ORDER BY id").await, ["1", "2", "3"], "a dry run changes nothing");
+    let (ok, out, err) = cli(&["dlq", "delete", "--reason", "http_410"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert_eq!(db.column("SELECT id FROM dlq ORDER BY id").await, ["3"]);
+    assert_eq!(xlen(&mut redis.con().await, "events:dlq").await, 0);
+    let (ok, out, _) = cli(&["dlq", "purge"]);
+    assert!(ok && out.contains("deleted 3 (sql)"), "{out}");
+    assert!(db.column("SELECT id FROM dlq").await.is_empty());
+}
+
+/// `eventworker status`: the streams' backlog and consumers from Redis, scheduled retries,
+/// and the paused hosts of the worker whose admin server it asks; a table, or JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_streams_consumers_retries_and_paused_hosts() {
+    let redis = RedisServer::start();
+    let sink = Sink::start().await;
+    sink.respond(|_, _| Reply::status(503));
+    let w = Worker::start(&redis, &sink.url("/e"), &[("STREAMS", "fast")]);
+    w.wait_ready().await;
+    let evs: Vec<_> = (1..=3).map(|i| (meta(i, "t"), b"x".to_vec())).collect();
+    produce(&mut redis.con().await, "events:fast", &evs).await;
+    wait_until("the receiver's host paused", T, || async { w.metric_sum("host_circuit_open").await == 1.0 }).await;
+    let admin = format!("http://127.0.0.1:{}", w.metrics_port);
+    let url = redis.url();
+    let env = [("REDIS_URL", url.as_str()), ("STREAMS", "fast,slow")];
+
+    let (ok, out, err) = run_cli(&env, &["status", "--json", "--admin-url", &admin]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["streams"][0]["stream"], "events:fast");
+    assert_eq!(v["streams"][0]["group_exists"], true);
+    assert!(v["streams"][0]["consumers"][0]["name"].as_str().unwrap().contains("fast"), "{v}");
+    assert_eq!(v["streams"][1]["group_exists"], false, "slow has no group: {v}");
+    let host = sink.url("").trim_end_matches('/').to_string();
+    assert_eq!(v["paused_hosts"], json!([host]), "{v}");
+    let held = v["streams"][0]["backlog"].as_i64().unwrap() + v["scheduled_retries"].as_i64().unwrap();
+    // Each event is pending, waiting or scheduled (one may be between the two reads).
+    assert!((2..=3).contains(&held), "events in the backlog or scheduled: {v}");
+
+    let (ok, out, _) = run_cli(&env, &["status", "--admin-url", &admin]);
+    assert!(ok && out.contains("STREAM") && out.contains("events:fast") && out.contains("(no group yet)"), "{out}");
+    assert!(out.contains(&format!("paused hosts: {host}")), "{out}");
+    let (ok, out, _) = run_cli(&env, &["status", "--admin-url", "http://127.0.0.1:9"]);
+    assert!(ok && out.contains("paused hosts: unknown"), "{out}");
+}

@@ -24,7 +24,8 @@ pub struct Filter {
     /// Never these ids (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub neq: Vec<String>,
-    /// Ids greater than this (numeric when both are integers).
+    /// Ids greater than this: as numbers when both are integers, else as text (byte by byte:
+    /// "10" < "9" as text).
     #[arg(long)]
     pub gt: Option<String>,
     /// Ids greater than or equal to this.
@@ -76,6 +77,39 @@ pub struct FilterQuery {
     pub dry_run: Option<String>,
     pub stream: Option<String>,
     pub rate: Option<f64>,
+    /// Replay every dead letter: needed when no filter is given.
+    pub all: Option<String>,
+}
+
+/// The query parameters each admin endpoint takes; any other is refused by name (a typo
+/// such as `dryrun` must not turn a dry run into a real one).
+pub const LIST_PARAMS: &[&str] =
+    &["ids", "in", "eq", "neq", "gt", "gte", "lt", "lte", "type", "reason", "since", "until", "limit", "token"];
+pub const REPLAY_PARAMS: &[&str] = &[
+    "ids", "in", "eq", "neq", "gt", "gte", "lt", "lte", "type", "reason", "since", "until", "limit", "token",
+    "dry_run", "stream", "rate", "all",
+];
+
+/// The parameters of `query` not in `known`, in order.
+pub fn unknown_params(query: Option<&str>, known: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split_once('=').map(|(k, _)| k).unwrap_or(pair);
+        if !known.contains(&name) && !out.iter().any(|o| o == name) {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
+/// A yes/no query value: `true`/`1`/`yes` or empty (`?dry_run`), `false`/`0`/`no`.
+fn flag(name: &str, v: &Option<String>) -> Result<bool> {
+    match v.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(false),
+        Some("1" | "true" | "yes" | "") => Ok(true),
+        Some("0" | "false" | "no") => Ok(false),
+        Some(other) => Err(Error::Invalid(format!("{name}={other:?}: use true or false"))),
+    }
 }
 
 fn split(s: &Option<String>) -> Vec<String> {
@@ -104,14 +138,32 @@ impl FilterQuery {
         Ok(f)
     }
 
-    pub fn options(&self) -> ReplayOptions {
-        let dry_run =
-            matches!(self.dry_run.as_deref().map(str::to_ascii_lowercase).as_deref(), Some("1" | "true" | "yes" | ""));
-        ReplayOptions { dry_run, stream: self.stream.clone(), rate: self.rate }
+    pub fn options(&self) -> Result<ReplayOptions> {
+        Ok(ReplayOptions {
+            dry_run: flag("dry_run", &self.dry_run)?,
+            stream: self.stream.clone(),
+            rate: self.rate,
+            all: flag("all", &self.all)?,
+        })
     }
 }
 
 impl Filter {
+    /// Selects every dead letter.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+            && self.neq.is_empty()
+            && self.gt.is_none()
+            && self.gte.is_none()
+            && self.lt.is_none()
+            && self.lte.is_none()
+            && self.types.is_empty()
+            && self.reasons.is_empty()
+            && self.since.is_none()
+            && self.until.is_none()
+            && self.limit.is_none()
+    }
+
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [("since", &self.since), ("until", &self.until)] {
             if let Some(v) = v {
@@ -162,6 +214,22 @@ pub struct ReplayOptions {
     pub stream: Option<String>,
     /// Most rows per second.
     pub rate: Option<f64>,
+    /// Replay every dead letter when the filter selects all of them.
+    pub all: bool,
+}
+
+impl ReplayOptions {
+    /// A real replay of everything must be asked for (`all`): a filter that was meant and
+    /// mistyped must not replay every dead letter. A dry run may look at everything.
+    pub fn check_scope(&self, filter: &Filter) -> Result<()> {
+        if filter.is_empty() && !self.all && !self.dry_run {
+            return Err(Error::Invalid(
+                "no filter given: to replay every dead letter say so (all=true, --all), or filter (ids, type, reason, ...)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -260,19 +328,22 @@ pub async fn gather(sql: Option<&SqlSink>, redis: Option<&Conn>) -> Result<(Vec<
     Ok((rows, kept))
 }
 
+/// Replay the dead letters `filter` selects. `redis` may be None for a dry run only (the
+/// SQL store's rows are listed; the Redis stream's are not).
 pub async fn replay(
     sql: Option<&SqlSink>,
-    redis: &Conn,
+    redis: Option<&Conn>,
     filter: &Filter,
     opts: &ReplayOptions,
     targets: &Targets,
     mut progress: impl FnMut(&Moved),
 ) -> Result<ReplayReport> {
     filter.validate()?;
+    opts.check_scope(filter)?;
     if let Some(s) = &opts.stream {
         targets.pick(Some(s), None)?;
     }
-    let (rows, kept) = gather(sql, Some(redis)).await?;
+    let (rows, kept) = gather(sql, redis).await?;
     let rows = filter.apply(rows);
     let mut report = ReplayReport { dry_run: opts.dry_run, matched: rows.len(), ..Default::default() };
     // Bounded: a tiny rate (1e-300) must not overflow the pause.
@@ -291,7 +362,7 @@ pub async fn replay(
             tokio::time::sleep_until(next).await;
             next += p;
         }
-        let mut con = redis.clone();
+        let mut con = redis.ok_or_else(|| Error::Invalid("a replay needs Redis".into()))?.clone();
         let entry = match (&row.entry, sql) {
             (Some(e), _) => match kept.get(e) {
                 Some(full) => {
@@ -379,8 +450,13 @@ mod tests {
         assert_eq!(ids(FilterQuery { until: Some("2024-01-02".into()), ..Default::default() }), ["1"]);
         assert!(FilterQuery { until: Some("yesterday".into()), ..Default::default() }.filter().is_err());
         assert_eq!(ids(FilterQuery { limit: Some(1), ..Default::default() }), ["1"]);
-        assert!(FilterQuery { dry_run: Some("true".into()), ..Default::default() }.options().dry_run);
-        assert!(!FilterQuery::default().options().dry_run);
+        assert!(FilterQuery { dry_run: Some("true".into()), ..Default::default() }.options().unwrap().dry_run);
+        assert!(!FilterQuery::default().options().unwrap().dry_run);
+        assert!(FilterQuery { dry_run: Some("maybe".into()), ..Default::default() }.options().is_err());
+        assert_eq!(
+            unknown_params(Some("dryrun=true&ids=1&id=2&id=3&token"), REPLAY_PARAMS),
+            ["dryrun".to_string(), "id".to_string()]
+        );
     }
 
     #[test]

@@ -49,6 +49,19 @@ pub fn normalize_url(url: &str) -> Result<(Dialect, String)> {
             if path.is_empty() {
                 return Err(bad("sqlite URL has no file path".into()));
             }
+            // A file whose directory does not exist can never be created: every dead letter
+            // would wait forever. Refused now, with where a relative path points.
+            let file = path.split('?').next().unwrap_or_default();
+            if let Some(dir) = std::path::Path::new(file).parent().filter(|d| !d.as_os_str().is_empty()) {
+                if file != ":memory:" && !dir.is_dir() {
+                    let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+                    return Err(bad(format!(
+                        "the directory {} of the SQLite file does not exist (relative paths start at {cwd}; \
+                         sqlite:////abs/dlq.db or sqlite:///abs/dlq.db is absolute, sqlite+aiosqlite:///rel.db relative)",
+                        dir.display()
+                    )));
+                }
+            }
             let sep = if path.contains('?') { '&' } else { '?' };
             let opts = if path.contains("mode=") { String::new() } else { format!("{sep}mode=rwc") };
             Ok((Dialect::Sqlite, format!("sqlite://{path}{opts}")))
@@ -625,6 +638,77 @@ impl SqlSink {
         Ok(out)
     }
 
+    /// One dead letter with its payload and meta, changing nothing; None when there is none.
+    pub async fn get(&self, id: &str) -> Result<Option<FullRow>> {
+        let shape = self.prepare().await?;
+        let Some((select, _, id_value)) = self.full_row_sql(&shape, id, false) else { return Ok(None) };
+        let row = bind_id(sqlx::query(&select), &id_value).fetch_optional(&self.pool).await.map_err(Self::err)?;
+        row.map(|row| self.full_row(&row, &shape)).transpose()
+    }
+
+    /// Delete one dead letter for good (an outbox table's row too: it must never be sent);
+    /// false when there is none.
+    pub async fn discard(&self, id: &str) -> Result<bool> {
+        let shape = self.prepare().await?;
+        let Some((_, _, id_value)) = self.full_row_sql(&shape, id, false) else { return Ok(false) };
+        let t = &self.table;
+        let p = self.param(1);
+        let delete = match &shape {
+            Shape::DeadLetter { .. } => format!("DELETE FROM {t} WHERE id = {p}"),
+            Shape::Outbox(o) => format!("DELETE FROM {t} WHERE {} = {p} AND dlq = {}", o.id_expr, o.flag_true),
+        };
+        let done = bind_id(sqlx::query(&delete), &id_value).execute(&self.pool).await.map_err(Self::err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The statements that read one full dead letter (and clear it, for `take`), and the id
+    /// as bound; None when `id` cannot be a row of this table.
+    fn full_row_sql(&self, shape: &Shape, id: &str, lock: bool) -> Option<(String, String, IdValue)> {
+        let t = &self.table;
+        let lock = if lock && self.dialect != Dialect::Sqlite { " FOR UPDATE" } else { "" };
+        let p = self.param(1);
+        match shape {
+            Shape::DeadLetter { extended } => {
+                let cols = if *extended {
+                    "id, type, reason, stream, attempts, last_failed_at, payload, meta"
+                } else {
+                    "id, type, reason, payload"
+                };
+                Some((
+                    format!("SELECT {cols} FROM {t} WHERE id = {p}{lock}"),
+                    format!("DELETE FROM {t} WHERE id = {p}"),
+                    IdValue::Text(id.to_string()),
+                ))
+            }
+            Shape::Outbox(o) => Some((
+                format!(
+                    "SELECT {} AS id, type{}{}, payload FROM {t} WHERE {idx} = {p} AND dlq = {}{lock}",
+                    self.as_text("id"),
+                    if o.reason { ", reason" } else { "" },
+                    if o.stream { ", stream" } else { "" },
+                    o.flag_true,
+                    idx = o.id_expr
+                ),
+                format!(
+                    "UPDATE {t} SET dlq = {} WHERE {idx} = {p} AND dlq = {}",
+                    o.flag_false,
+                    o.flag_true,
+                    idx = o.id_expr
+                ),
+                self.id_value(o, id)?,
+            )),
+        }
+    }
+
+    fn full_row(&self, row: &AnyRow, shape: &Shape) -> Result<FullRow> {
+        let extended = matches!(shape, Shape::DeadLetter { extended: true });
+        Ok(FullRow {
+            row: to_row(row, shape)?,
+            payload: text(row, "payload")?.unwrap_or_default(),
+            meta: if extended { text(row, "meta")? } else { None },
+        })
+    }
+
     /// Take one dead letter out of the table and hand it to `put`; the change (row deleted,
     /// or an outbox row's `dlq` cleared) is committed only if `put` succeeds. None when
     /// another replay took the row first.
@@ -634,54 +718,11 @@ impl SqlSink {
         Fut: std::future::Future<Output = Result<FullRow>>,
     {
         let shape = self.prepare().await?;
-        let t = &self.table;
-        let lock = if self.dialect == Dialect::Sqlite { "" } else { " FOR UPDATE" };
+        let Some((select, change, id_value)) = self.full_row_sql(&shape, id, true) else { return Ok(None) };
         let mut tx = self.pool.begin().await.map_err(Self::err)?;
-        let (select, change) = match &shape {
-            Shape::DeadLetter { extended } => {
-                let cols = if *extended {
-                    "id, type, reason, stream, attempts, last_failed_at, payload, meta"
-                } else {
-                    "id, type, reason, payload"
-                };
-                let p = self.param(1);
-                (format!("SELECT {cols} FROM {t} WHERE id = {p}{lock}"), format!("DELETE FROM {t} WHERE id = {p}"))
-            }
-            Shape::Outbox(o) => {
-                let p = self.param(1);
-                (
-                    format!(
-                        "SELECT {} AS id, type{}{}, payload FROM {t} WHERE {idx} = {p} AND dlq = {}{lock}",
-                        self.as_text("id"),
-                        if o.reason { ", reason" } else { "" },
-                        if o.stream { ", stream" } else { "" },
-                        o.flag_true,
-                        idx = o.id_expr
-                    ),
-                    format!(
-                        "UPDATE {t} SET dlq = {} WHERE {idx} = {p} AND dlq = {}",
-                        o.flag_false,
-                        o.flag_true,
-                        idx = o.id_expr
-                    ),
-                )
-            }
-        };
-        let id_value = match &shape {
-            Shape::Outbox(o) => match self.id_value(o, id) {
-                Some(v) => v,
-                None => return Ok(None),
-            },
-            _ => IdValue::Text(id.to_string()),
-        };
         let row = bind_id(sqlx::query(&select), &id_value).fetch_optional(&mut *tx).await.map_err(Self::err)?;
         let Some(row) = row else { return Ok(None) };
-        let extended = matches!(shape, Shape::DeadLetter { extended: true });
-        let full = FullRow {
-            row: to_row(&row, &shape)?,
-            payload: text(&row, "payload")?.unwrap_or_default(),
-            meta: if extended { text(&row, "meta")? } else { None },
-        };
+        let full = self.full_row(&row, &shape)?;
         let changed = bind_id(sqlx::query(&change), &id_value).execute(&mut *tx).await.map_err(Self::err)?;
         if changed.rows_affected() != 1 {
             return Ok(None);
@@ -833,6 +874,8 @@ mod tests {
         assert_eq!(n("sqlite+aiosqlite:////var/x.db"), (Dialect::Sqlite, "sqlite:///var/x.db?mode=rwc".into()));
         assert_eq!(n("sqlite:///var/x.db"), (Dialect::Sqlite, "sqlite:///var/x.db?mode=rwc".into()));
         assert!(normalize_url("oracle://x").is_err());
+        let err = normalize_url("sqlite:///nonexistent/dir/x.db").unwrap_err().to_string();
+        assert!(err.contains("DLQ_DB_CONNECTION") && err.contains("/nonexistent/dir"), "{err}");
         assert!(normalize_url("nonsense").is_err());
     }
 

@@ -170,6 +170,12 @@ async fn take_across_slots(
     Ok(Some(id))
 }
 
+/// Delete one letter for good; false when it was gone already.
+pub async fn remove(con: &mut Conn, entry: &str) -> Result<bool> {
+    let n: i64 = redis::cmd("XDEL").arg(DLQ_STREAM).arg(entry).query_async(con).await?;
+    Ok(n > 0)
+}
+
 /// Remove letters from the stream (after they were replayed elsewhere or purged).
 pub async fn len(con: &mut Conn) -> Result<i64> {
     Ok(redis::cmd("XLEN").arg(DLQ_STREAM).query_async(con).await?)

@@ -371,6 +371,13 @@ async fn handle(State(s): State<SinkState>, method: Method, uri: Uri, headers: H
     resp
 }
 
+/// The demo's worker settings (`worker/examples/demo.rs`), which the compose quick start
+/// (`compose.yaml`) repeats: the two are compared by `worker/tests/quickstart.rs`. The
+/// receiver's paths: events at [`DEMO_EVENTS_PATH`], dead letters at [`DEMO_DLQ_PATH`].
+pub const DEMO_SETTINGS: &[(&str, &str)] = &[("STREAMS", "critical,fast,default,slow"), ("RUST_LOG", "info")];
+pub const DEMO_EVENTS_PATH: &str = "/events/[EVENT_TYPE]";
+pub const DEMO_DLQ_PATH: &str = "/dlq";
+
 /// The worker binary, run as users run it: configured through its environment.
 pub struct Worker {
     pub child: Child,
